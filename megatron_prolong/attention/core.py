@@ -1,0 +1,431 @@
+"""Causal attention restricted to documents, with optional context parallelism.
+
+Token ``i`` attends to token ``j`` iff both are in the same document and ``j <= i`` (positions
+global in the packed row). Tensors use Megatron's ``sbhd`` layout.
+
+With a context-parallel group of size ``C > 1`` each rank holds its zigzag share of the queries
+(chunks ``r`` and ``2C-1-r`` of ``2C``); K and V are all-gathered over the group
+(:func:`~megatron_prolong.attention.context_parallel.gather_kv_zigzag`, backward reduce-scatter)
+and the local queries attend to the gathered keys with their global positions. No per-document
+padding is needed and documents may cross chunk and rank boundaries.
+
+Every backend works on the same decomposition: this rank's queries form one or two contiguous
+runs of global positions (:func:`zigzag_segments`); each run intersected with a document is a
+*piece* whose queries ``[qa, qb)`` see the keys ``[doc_start, qb)`` causally, aligned bottom-right
+(the last query sees the last key).
+
+Backends:
+- ``reference``: exact blocked math (a custom autograd function that keeps only the log-sum-exp
+  between passes and recomputes scores in the backward, so memory stays bounded); any device.
+- ``sdpa``: ``F.scaled_dot_product_attention`` per piece (one batched causal call when the rows
+  are single documents); lower-right causal alignment for pieces whose keys start before their
+  queries (CP). GQA through ``enable_gqa``.
+- ``flex``: ``flex_attention`` with a document block mask built exactly from the boundaries
+  (full blocks skip the mask function), cached on the layout, compiled once per process.
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 varlen) with
+  cumulative lengths per piece; CUDA only.
+- ``auto``: CPU -> ``reference``; CUDA -> ``sdpa`` for single-document layouts, otherwise
+  :data:`AUTO_MULTI_DOC_BACKEND` (chosen from the measurements in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .context_parallel import gather_kv_zigzag, zigzag_indices, zigzag_segments
+from .layout import DocumentLayout
+
+BACKENDS = ("auto", "reference", "flex", "varlen", "sdpa")
+
+#: backend ``auto`` uses on CUDA for layouts with more than one document
+AUTO_MULTI_DOC_BACKEND = "flex"
+#: block sizes of the flex block mask (queries, keys)
+FLEX_BLOCK_SIZE: tuple[int, int] = (128, 128)
+#: kernel_options passed to flex_attention (None: PyTorch's defaults / autotuning)
+FLEX_KERNEL_OPTIONS: dict | None = None
+#: element budget of one score block in the reference backend
+REFERENCE_BLOCK_ELEMENTS = 1 << 24
+
+Piece = tuple[int, int, int, int, int]  # (row, local_q_start, local_q_end, key_start, key_end)
+
+
+# ---------------------------------------------------------------------- public entry
+def document_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: DocumentLayout,
+    *,
+    cp_group=None,
+    backend: str = "auto",
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Document-masked causal attention.
+
+    q: ``[s_local, b, hq, d]``; k, v: ``[s_local, b, hkv, d]`` (``hq % hkv == 0``). With a CP
+    group of size C > 1, ``s_local = s / C`` and the local tokens are this rank's zigzag share.
+    Returns ``[s_local, b, hq * d]``.
+    """
+    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
+    if cp_size > 1:
+        k, v = gather_kv_zigzag(k, v, cp_group)
+    return attend_gathered(
+        q, k, v, layout, cp_size=cp_size, cp_rank=cp_rank, backend=backend,
+        softmax_scale=softmax_scale,
+    )
+
+
+def attend_gathered(
+    q: torch.Tensor,
+    k_full: torch.Tensor,
+    v_full: torch.Tensor,
+    layout: DocumentLayout,
+    *,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    backend: str = "auto",
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """The compute part of :func:`document_attention`: this rank's zigzag queries against the
+    full, natural-order K/V (no communication; also used to time one CP rank on one GPU)."""
+    if q.dim() != 4 or k_full.dim() != 4 or v_full.dim() != 4:
+        raise ValueError("q, k, v must be [s, b, heads, dim]")
+    s_local, b, hq, d = q.shape
+    s, bk, hkv, dk = k_full.shape
+    if v_full.shape != k_full.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k_full.shape)} vs {tuple(v_full.shape)}")
+    if bk != b or dk != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k_full.shape)} do not match")
+    if hq % hkv != 0:
+        raise ValueError(f"query heads {hq} not divisible by key/value heads {hkv}")
+    if layout.doc_ids.shape != (b, s):
+        raise ValueError(
+            f"layout is {tuple(layout.doc_ids.shape)} but the batch is b={b}, s={s} (full length)"
+        )
+    if s_local * cp_size != s:
+        raise ValueError(f"local length {s_local} x cp_size {cp_size} != sequence length {s}")
+    layout = _on_device(layout, q.device)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    name = resolve_backend(backend, q.device, layout)
+    out = _IMPLS[name](q, k_full, v_full, layout, cp_size, cp_rank, scale)
+    return out.reshape(s_local, b, hq * d)
+
+
+def resolve_backend(backend: str, device: torch.device, layout: DocumentLayout) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if torch.device(device).type != "cuda":
+        return "reference"
+    return "sdpa" if layout.is_single_document() else AUTO_MULTI_DOC_BACKEND
+
+
+def _on_device(layout: DocumentLayout, device: torch.device) -> DocumentLayout:
+    if layout.device == device:
+        return layout
+    key = ("on", str(device))
+    if key not in layout._cache:
+        layout._cache[key] = layout.to(device)
+    return layout._cache[key]
+
+
+def pieces(layout: DocumentLayout, cp_size: int, cp_rank: int) -> tuple[Piece, ...]:
+    """This rank's (row, local query range, key range) pieces, in local token order (cached)."""
+    key = ("pieces", cp_size, cp_rank)
+    if key not in layout._cache:
+        out: list[Piece] = []
+        segs = zigzag_segments(layout.seq_len, cp_size, cp_rank)
+        for row, bounds in enumerate(layout.boundaries()):
+            for ls, le, gs in segs:
+                ge = gs + (le - ls)
+                for i in range(len(bounds) - 1):
+                    d0, d1 = bounds[i], bounds[i + 1]
+                    qa, qb = max(d0, gs), min(d1, ge)
+                    if qa < qb:
+                        out.append((row, ls + qa - gs, ls + qb - gs, d0, qb))
+        layout._cache[key] = tuple(out)
+    return layout._cache[key]
+
+
+# ---------------------------------------------------------------------- reference
+class _ReferenceAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, piece_list, scale):
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s_local, b, hq, d = q.shape
+        hkv = k.shape[2]
+        g = hq // hkv
+        out = torch.zeros(s_local, b, hq, d, dtype=cdt, device=q.device)
+        lse = torch.zeros(s_local, b, hq, dtype=cdt, device=q.device)
+        for row, i0, i1, j0, j1, qg0 in _blocks(piece_list, hq):
+            qb = q[i0:i1, row].to(cdt).view(i1 - i0, hkv, g, d)
+            kb = k[j0:j1, row].to(cdt)
+            vb = v[j0:j1, row].to(cdt)
+            s_ = torch.einsum("nhgd,lhd->hgnl", qb, kb) * scale
+            s_ = s_.masked_fill(~_causal(qg0, i1 - i0, j0, j1, q.device), float("-inf"))
+            m = s_.amax(dim=-1, keepdim=True)
+            p = torch.exp(s_ - m)
+            l_ = p.sum(dim=-1, keepdim=True)
+            o = torch.einsum("hgnl,lhd->nhgd", p / l_, vb)
+            out[i0:i1, row] = o.reshape(i1 - i0, hq, d)
+            lse[i0:i1, row] = (m + torch.log(l_)).squeeze(-1).permute(2, 0, 1).reshape(i1 - i0, hq)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.piece_list = piece_list
+        ctx.scale = scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        cdt = out.dtype
+        s_local, b, hq, d = q.shape
+        hkv = k.shape[2]
+        g = hq // hkv
+        dout = dout.to(cdt)
+        delta = (dout * out).sum(-1)  # [s_local, b, hq]
+        dq = torch.zeros_like(out)
+        dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+        dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+        for row, i0, i1, j0, j1, qg0 in _blocks(ctx.piece_list, hq):
+            n = i1 - i0
+            qb = q[i0:i1, row].to(cdt).view(n, hkv, g, d)
+            kb = k[j0:j1, row].to(cdt)
+            vb = v[j0:j1, row].to(cdt)
+            dob = dout[i0:i1, row].view(n, hkv, g, d)
+            s_ = torch.einsum("nhgd,lhd->hgnl", qb, kb) * scale
+            s_ = s_.masked_fill(~_causal(qg0, n, j0, j1, q.device), float("-inf"))
+            lb = lse[i0:i1, row].view(n, hkv, g).permute(1, 2, 0).unsqueeze(-1)
+            p = torch.exp(s_ - lb)
+            dv[j0:j1, row] += torch.einsum("hgnl,nhgd->lhd", p, dob)
+            dp = torch.einsum("nhgd,lhd->hgnl", dob, vb)
+            db = delta[i0:i1, row].view(n, hkv, g).permute(1, 2, 0).unsqueeze(-1)
+            ds = p * (dp - db) * scale
+            dq[i0:i1, row] = torch.einsum("hgnl,lhd->nhgd", ds, kb).reshape(n, hq, d)
+            dk[j0:j1, row] += torch.einsum("hgnl,nhgd->lhd", ds, qb)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _causal(qg0: int, n: int, j0: int, j1: int, device) -> torch.Tensor:
+    qpos = torch.arange(qg0, qg0 + n, device=device)
+    kpos = torch.arange(j0, j1, device=device)
+    return kpos[None, :] <= qpos[:, None]  # [n, L]
+
+
+def _blocks(piece_list, hq):
+    """Split pieces into query blocks whose score tensor stays within the element budget.
+    Yields (row, local q start, local q end, key start, key end, global q start)."""
+    for row, lq0, lq1, k0, k1 in piece_list:
+        qg_first = k1 - (lq1 - lq0)
+        n_max = max(1, REFERENCE_BLOCK_ELEMENTS // max(1, (k1 - k0) * hq))
+        for i0 in range(lq0, lq1, n_max):
+            i1 = min(i0 + n_max, lq1)
+            qg0 = qg_first + (i0 - lq0)
+            yield row, i0, i1, k0, qg0 + (i1 - i0), qg0
+
+
+def _reference(q, k, v, layout, cp_size, cp_rank, scale):
+    return _ReferenceAttention.apply(q, k, v, pieces(layout, cp_size, cp_rank), scale)
+
+
+# ---------------------------------------------------------------------- sdpa
+def _sdpa_piece(qp, kp, vp, scale):
+    """qp [b, hq, n, d], kp/vp [b, hkv, L, d]; causal aligned bottom-right."""
+    n, L = qp.shape[2], kp.shape[2]
+    gqa = qp.shape[1] != kp.shape[1]
+    if n == L:
+        return F.scaled_dot_product_attention(
+            qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(
+        qp, kp, vp, attn_mask=causal_lower_right(n, L), scale=scale, enable_gqa=gqa
+    )
+
+
+def _sdpa(q, k, v, layout, cp_size, cp_rank, scale):
+    s_local, b, hq, d = q.shape
+    if layout.is_single_document():
+        # every row is one document: one batched call per contiguous query run
+        outs = []
+        for ls, le, gs in zigzag_segments(layout.seq_len, cp_size, cp_rank):
+            ge = gs + (le - ls)
+            o = _sdpa_piece(
+                q[ls:le].permute(1, 2, 0, 3), k[:ge].permute(1, 2, 0, 3),
+                v[:ge].permute(1, 2, 0, 3), scale,
+            )
+            outs.append(o.permute(2, 0, 1, 3))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    for row, lq0, lq1, k0, k1 in pieces(layout, cp_size, cp_rank):
+        o = _sdpa_piece(
+            q[lq0:lq1, row].transpose(0, 1).unsqueeze(0),
+            k[k0:k1, row].transpose(0, 1).unsqueeze(0),
+            v[k0:k1, row].transpose(0, 1).unsqueeze(0),
+            scale,
+        )
+        rows[row].append(o[0].transpose(0, 1))  # [n, hq, d]
+    return torch.stack([torch.cat(r, dim=0) for r in rows], dim=1)
+
+
+# ---------------------------------------------------------------------- varlen
+def _varlen_plan(layout: DocumentLayout, cp_size: int, cp_rank: int):
+    key = ("varlen", cp_size, cp_rank)
+    if key not in layout._cache:
+        s = layout.seq_len
+        dev = layout.device
+        if cp_size == 1:
+            cu = layout.cu_seqlens_flat()
+            m = layout.max_doc_len()
+            layout._cache[key] = (cu, cu, m, m, None)
+        else:
+            pl = pieces(layout, cp_size, cp_rank)
+            cq, ck, idx = [0], [0], []
+            for row, lq0, lq1, k0, k1 in pl:
+                cq.append(cq[-1] + lq1 - lq0)
+                ck.append(ck[-1] + k1 - k0)
+                idx.append((row * s + k0, row * s + k1))
+            index = torch.cat([torch.arange(a, c, device=dev) for a, c in idx])
+            layout._cache[key] = (
+                torch.tensor(cq, dtype=torch.int32, device=dev),
+                torch.tensor(ck, dtype=torch.int32, device=dev),
+                max(p[2] - p[1] for p in pl),
+                max(p[4] - p[3] for p in pl),
+                index,
+            )
+    return layout._cache[key]
+
+
+def _varlen(q, k, v, layout, cp_size, cp_rank, scale):
+    if q.device.type != "cuda":
+        raise RuntimeError(
+            "attention backend 'varlen' (torch.nn.attention.varlen.varlen_attn, FlashAttention-2) "
+            "runs on CUDA only; use 'reference' or 'auto' on CPU"
+        )
+    from torch.nn.attention.varlen import varlen_attn
+
+    s_local, b, hq, d = q.shape
+    s, _, hkv, _ = k.shape
+    cu_q, cu_k, max_q, max_k, index = _varlen_plan(layout, cp_size, cp_rank)
+    qf = q.transpose(0, 1).reshape(b * s_local, hq, d)
+    kf = k.transpose(0, 1).reshape(b * s, hkv, d)
+    vf = v.transpose(0, 1).reshape(b * s, hkv, d)
+    if index is not None:
+        kf = kf.index_select(0, index)
+        vf = vf.index_select(0, index)
+    out = varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0))
+    return out.view(b, s_local, hq, d).transpose(0, 1)
+
+
+# ---------------------------------------------------------------------- flex
+_FLEX_COMPILED: Callable | None = None
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        # eager (math) path, forward only on CPU: fine for small checks
+        def eager(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+                return flex_attention(*args, **kwargs)
+
+        return eager
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+def flex_block_mask(
+    layout: DocumentLayout,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    block_size: tuple[int, int] | None = None,
+):
+    """The flex BlockMask of this rank's queries (global positions) vs all keys (cached).
+
+    Built from the boundaries, not by evaluating the mask function densely: for a query block
+    and a key block ``[kl, kr]``, with each query ``i`` seeing the interval ``[lo_i, hi_i]``
+    (its document start and itself), the block is non-empty iff some query has
+    ``lo_i <= kr and hi_i >= kl``, and full iff every query has ``lo_i <= kl and hi_i >= kr``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bq, bk = block_size or FLEX_BLOCK_SIZE
+    key = ("flex", cp_size, cp_rank, bq, bk)
+    if key in layout._cache:
+        return layout._cache[key]
+    dev = layout.device
+    b, s = layout.batch, layout.seq_len
+    s_local = s // cp_size
+    qpos = zigzag_indices(s, cp_size, cp_rank, device=dev)
+    lo = layout.doc_start()[:, qpos]  # [b, s_local]
+    nq, nk = -(-s_local // bq), -(-s // bk)
+    pad = nq * bq - s_local
+    # tensors the mask function reads (padded query rows see nothing)
+    q_lo = F.pad(lo, (0, pad), value=0)
+    q_hi = F.pad(qpos, (0, pad), value=-1)
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        return (kv_idx >= q_lo[bi, q_idx]) & (kv_idx <= q_hi[q_idx])
+
+    kl = torch.arange(nk, device=dev) * bk
+    kr = torch.clamp(kl + bk - 1, max=s - 1)
+    k_complete = (kl + bk) <= s  # key block has no padding
+    big = torch.iinfo(torch.int64).max // 4
+    lo_any = F.pad(lo, (0, pad), value=big).view(b, nq, bq)
+    hi_any = F.pad(qpos, (0, pad), value=-1).view(nq, bq)
+    lo_all = F.pad(lo, (0, pad), value=-1).view(b, nq, bq)
+    hi_all = F.pad(qpos, (0, pad), value=big).view(nq, bq)
+    any_blocks, all_blocks = [], []
+    step = max(1, (1 << 26) // max(1, bq * nk))
+    for i in range(0, nq, step):
+        j = min(nq, i + step)
+        la, ha = lo_any[:, i:j, :, None], hi_any[None, i:j, :, None]
+        any_blocks.append(((la <= kr) & (ha >= kl)).any(dim=2))
+        lf, hf = lo_all[:, i:j, :, None], hi_all[None, i:j, :, None]
+        all_blocks.append(((lf <= kl) & (hf >= kr)).all(dim=2))
+    nonempty = torch.cat(any_blocks, dim=1)  # [b, nq, nk]
+    full = torch.cat(all_blocks, dim=1) & k_complete & nonempty
+    partial = nonempty & ~full
+
+    def ordered(dense):
+        num = dense.sum(dim=-1, dtype=torch.int32)
+        idx = torch.argsort(~dense, dim=-1, stable=True).to(torch.int32)
+        return num[:, None], idx[:, None]
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    bm = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+        seq_lengths=(s_local, s),
+    )
+    layout._cache[key] = bm
+    return bm
+
+
+def _flex(q, k, v, layout, cp_size, cp_rank, scale):
+    hq, hkv = q.shape[2], k.shape[2]
+    bm = flex_block_mask(layout, cp_size, cp_rank)
+    kwargs = {}
+    if FLEX_KERNEL_OPTIONS and q.device.type == "cuda":
+        kwargs["kernel_options"] = dict(FLEX_KERNEL_OPTIONS)
+    out = _flex_fn(q.device)(
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+        block_mask=bm, scale=scale, enable_gqa=hq != hkv, **kwargs,
+    )
+    return out.permute(2, 0, 1, 3)
+
+
+_IMPLS = {"reference": _reference, "sdpa": _sdpa, "varlen": _varlen, "flex": _flex}
