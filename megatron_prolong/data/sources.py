@@ -158,7 +158,8 @@ class MDSSource:
         reader, file = self.shards[k]
         where = f"{file}: sample {local} (domain '{self.name}', sample {i} of the domain)"
         try:
-            item = reader.get_item(local)
+            with np.errstate(all="ignore"):  # garbage sizes overflow in streaming's decoder
+                item = reader.get_item(local)
             ids = np.asarray(item["input_ids"])
         except Exception as e:  # noqa: BLE001 - decoding garbage can fail in many ways
             raise DataError(f"{where}: cannot be decoded ({type(e).__name__}: {e})") from None
