@@ -1,0 +1,1 @@
+"""Packaged Hydra configs (importable so Hydra finds them from a wheel too)."""

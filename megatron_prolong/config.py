@@ -1,0 +1,190 @@
+"""Typed configuration schema: one small dataclass per component, composed by Hydra.
+
+The dataclasses are the schema (registered in Hydra's ConfigStore); YAML under ``conf/`` holds the
+values. ``validate`` checks everything that can be checked before any process group starts and
+names the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from megatron_prolong.data.config import DataConfig
+from megatron_prolong.tokenizer import TokenizerConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: int = 704
+    num_attention_heads: int = 8
+    num_query_groups: int = 2
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary
+    make_vocab_size_divisible_by: int = 128
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    untie_embeddings: bool = True
+    rope_base: float = 500_000.0
+    rope_positions: str = "continuous"  # continuous | per_document
+    rope_scaling: str = "none"  # none | llama3 (Llama-3.1 frequency scaling)
+    rope_scaling_factor: float = 8.0
+    rope_interpolation_factor: float | None = None  # linear position interpolation
+    attention_backend: str = "auto"  # auto | plugin | te
+    attention_kernel: str = "auto"  # auto | reference | flex | varlen | sdpa (plugin backend)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # floor of the cosine schedule as a fraction of lr
+    min_lr: float | None = None  # absolute floor; overrides min_lr_ratio when set
+    warmup_fraction: float = 0.1
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    precision: str = "bf16"  # bf16 | fp32 (bf16 keeps fp32 master weights)
+    recompute: str = "none"  # none | selective | full
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    cp_comm_type: str = "all_gather"  # TE backend: p2p | all_gather | a2a | a2a+p2p
+    hierarchical_cp_sizes: list[int] | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 20  # steps; 0 disables periodic saves (the last step is always saved)
+    load: str | None = None  # checkpoint to start a new run from (stage transitions)
+    load_optimizer: bool = True
+
+
+@dataclass
+class LogConfig:
+    interval: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    dir: str = "outputs/${run.name}"
+
+
+@dataclass
+class ProLongConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prolong_schema", node=ProLongConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value} must be > 0")
+
+
+def validate(cfg: ProLongConfig, world_size: int) -> None:
+    """Fail before any process group starts; every message names the key."""
+    m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
+    for key, value in [
+        ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp),
+        ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
+        ("train.micro_batch_size", t.micro_batch_size), ("train.lr", t.lr),
+        ("data.seq_length", d.seq_length), ("model.rope_base", m.rope_base),
+        ("model.num_layers", m.num_layers), ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups", m.num_query_groups),
+    ]:
+        _positive(key, value)
+    _choice("model.rope_positions", m.rope_positions, ("continuous", "per_document"))
+    _choice("model.rope_scaling", m.rope_scaling, ("none", "llama3"))
+    _choice("model.attention_backend", m.attention_backend, ("auto", "plugin", "te"))
+    _choice("model.attention_kernel", m.attention_kernel, ("auto", "reference", "flex", "varlen", "sdpa"))
+    _choice("train.precision", t.precision, ("bf16", "fp32"))
+    _choice("train.recompute", t.recompute, ("none", "selective", "full"))
+    _choice("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
+    if not 0 <= t.warmup_fraction < 1:
+        raise ConfigError(f"train.warmup_fraction={t.warmup_fraction} must be in [0, 1)")
+
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tp x parallel.pp x parallel.cp = {p.tp} x {p.pp} x {p.cp} = {model_parallel} "
+            f"does not divide the world size {world_size}; choose sizes whose product divides it"
+        )
+    dp = world_size // model_parallel
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups}"
+        )
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp} does not divide model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_query_groups % p.tp and p.tp % m.num_query_groups:
+        raise ConfigError(
+            f"parallel.tp={p.tp} and model.num_query_groups={m.num_query_groups}: one must divide the other"
+        )
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if m.num_layers % p.pp:
+        raise ConfigError(f"parallel.pp={p.pp} does not divide model.num_layers={m.num_layers}")
+    if p.cp > 1 and d.seq_length % (2 * p.cp):
+        raise ConfigError(
+            f"data.seq_length={d.seq_length} is not divisible by 2 x parallel.cp = {2 * p.cp}; context "
+            "parallelism splits each sequence into 2 x cp load-balanced chunks"
+        )
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.sequence_parallel and d.seq_length // p.cp % p.tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel: data.seq_length / cp = {d.seq_length // p.cp} is not divisible by parallel.tp={p.tp}"
+        )
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x "
+            f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}"
+        )
+    if not math.isfinite(t.lr):
+        raise ConfigError(f"train.lr={t.lr} is not finite")

@@ -1,0 +1,131 @@
+"""Build the Llama-family GPTModel on Megatron-Core with the chosen attention backend."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
+from megatron_prolong.model.core_attention import DocumentCoreAttention
+
+
+@dataclass
+class ProLongTransformerConfig(TransformerConfig):
+    """Megatron's TransformerConfig plus what the plugin's core attention reads."""
+
+    rope_base: float = 500_000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_interpolation_factor: float | None = None
+    attention_kernel: str = "auto"
+
+
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_attention_backend(model: ModelConfig) -> str:
+    if model.attention_backend == "auto":
+        return "te" if te_available() and torch.cuda.is_available() else "plugin"
+    if model.attention_backend == "te" and not te_available():
+        raise RuntimeError(
+            "model.attention_backend=te but Transformer Engine is not installed; install the `te` "
+            "extra (pip install 'megatron-prolong[te]') or use model.attention_backend=plugin"
+        )
+    return model.attention_backend
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
+) -> ProLongTransformerConfig:
+    bf16 = train.precision == "bf16"
+    recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
+                                          recompute_num_layers=1),
+                 "selective": dict(recompute_granularity="selective")}[train.recompute]
+    return ProLongTransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        activation_func=F.silu,
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        cp_comm_type=parallel.cp_comm_type,
+        hierarchical_context_parallel_sizes=parallel.hierarchical_cp_sizes,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        calculate_per_token_loss=True,
+        rope_base=model.rope_base,
+        rope_scaling=model.rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
+        rope_interpolation_factor=model.rope_interpolation_factor,
+        attention_kernel=model.attention_kernel,
+        **recompute,
+    )
+
+
+def layer_spec(backend: str) -> ModuleSpec:
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = DocumentCoreAttention
+    return spec
+
+
+def build_model(
+    model: ModelConfig, config: ProLongTransformerConfig, vocab_size: int, seq_length: int
+) -> GPTModel:
+    """One GPTModel chunk for this pipeline stage (no virtual pipeline)."""
+    backend = resolve_attention_backend(model)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(backend),
+        vocab_size=padded_vocab_size(vocab_size, model, config.tensor_model_parallel_size),
+        max_sequence_length=seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not model.untie_embeddings,
+        # The plugin's core attention applies RoPE itself (positions come from the document layout).
+        position_embedding_type="rope" if backend == "te" else "none",
+        rotary_base=int(model.rope_base),
+        rope_scaling=model.rope_scaling == "llama3",
+        rope_scaling_factor=model.rope_scaling_factor,
+        seq_len_interpolation_factor=model.rope_interpolation_factor,
+    )
+    gpt.attention_backend_name = backend
+    return gpt

@@ -1,0 +1,75 @@
+"""The plugin's core attention for Megatron's layer spec: RoPE + document-masked attention with CP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_prolong.attention.core import document_attention
+from megatron_prolong.model.packed import DocumentPackedSeqParams
+
+
+class DocumentCoreAttention(MegatronModule):
+    """Causal attention restricted to documents, for any context-parallel size.
+
+    RoPE is applied here rather than by Megatron because the positions come from the document
+    layout (continuous or per-document) and must be those of the tokens this CP rank holds.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.cp_group = (
+            pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
+        )
+        self.kernel = config.attention_kernel
+        self.interpolation_factor = config.rope_interpolation_factor
+        rope = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=config.rope_base,
+            rope_scaling=config.rope_scaling == "llama3",
+            rope_scaling_factor=config.rope_scaling_factor,
+            use_cpu_initialization=True,
+        )
+        self.register_buffer("inv_freq", rope.inv_freq, persistent=False)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: DocumentPackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if not isinstance(packed_seq_params, DocumentPackedSeqParams):
+            raise TypeError(
+                "DocumentCoreAttention needs DocumentPackedSeqParams (document layout and positions) "
+                "from megatron_prolong.model.packed; got " + type(packed_seq_params).__name__
+            )
+        emb = packed_seq_params.rope_emb(self.inv_freq.to(query.device), self.interpolation_factor)
+        query = _apply_rotary_pos_emb_bshd(query, emb)
+        key = _apply_rotary_pos_emb_bshd(key, emb)
+        cp_group = self.cp_group if self.cp_group is not None and self.cp_group.size() > 1 else None
+        return document_attention(
+            query, key, value, packed_seq_params.layout,
+            cp_group=cp_group, backend=self.kernel, softmax_scale=self.softmax_scale,
+        )

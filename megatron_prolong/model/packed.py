@@ -1,0 +1,44 @@
+"""What one micro-batch tells the attention layers: document layout and RoPE positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_prolong.attention.layout import DocumentLayout
+
+
+@dataclass
+class DocumentPackedSeqParams(PackedSeqParams):
+    """Rides through Megatron's ``packed_seq_params`` argument to the plugin's core attention.
+
+    ``qkv_format='sbhd'`` keeps Megatron's own THD handling (and THD RoPE) out of the way.
+    ``positions`` are the RoPE positions of this rank's tokens, [s_local, b].
+    """
+
+    layout: DocumentLayout | None = None
+    positions: torch.Tensor | None = None
+    _rope_cache: dict = field(default_factory=dict, repr=False)
+
+    def rope_emb(self, inv_freq: torch.Tensor, interpolation_factor: float | None) -> torch.Tensor:
+        """[s_local, b, 1, dim] rotary angles, computed once per micro-batch for all layers."""
+        key = (inv_freq.data_ptr(), interpolation_factor)
+        if key not in self._rope_cache:
+            pos = self.positions.to(device=inv_freq.device, dtype=torch.float32)
+            if interpolation_factor is not None:
+                pos = pos / interpolation_factor
+            freqs = pos[..., None] * inv_freq
+            self._rope_cache[key] = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return self._rope_cache[key]
+
+
+def rope_positions(cu_seqlens: torch.Tensor, seq_length: int, mode: str) -> torch.Tensor:
+    """Full-sequence RoPE positions [b, s]: running across the pack, or restarting per document."""
+    b = cu_seqlens.shape[0]
+    pos = torch.arange(seq_length, device=cu_seqlens.device).expand(b, seq_length)
+    if mode == "continuous":
+        return pos
+    starts = torch.searchsorted(cu_seqlens.contiguous(), pos.contiguous(), right=True) - 1
+    return pos - torch.gather(cu_seqlens.long(), 1, starts)

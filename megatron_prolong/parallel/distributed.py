@@ -1,0 +1,82 @@
+"""Process groups: NCCL on GPU, gloo on CPU, Megatron's model-parallel groups on top."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_prolong.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    dp_rank: int
+    dp_size: int
+    cp_size: int
+    is_last_stage: bool
+
+    @property
+    def is_logger(self) -> bool:
+        """The rank that writes console lines, metrics and TensorBoard events."""
+        return self.rank == 0
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
+    """Start the default process group (torchrun env, or a single local process) and Megatron's groups."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = world_size_from_env()
+    if not dist.is_initialized():
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            rank=rank, world_size=world_size, timeout=timedelta(minutes=30),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        hierarchical_context_parallel_sizes=parallel.hierarchical_cp_sizes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Topology(
+        rank=rank,
+        world_size=world_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        cp_size=parallel_state.get_context_parallel_world_size(),
+        is_last_stage=parallel_state.is_pipeline_last_stage(),
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

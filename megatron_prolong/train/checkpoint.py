@@ -1,0 +1,150 @@
+"""Megatron distributed checkpoints, saved atomically, with a tracker of the latest one.
+
+Layout under ``<run.dir>/checkpoints``::
+
+    iter_0000020/                 Megatron dist checkpoint (model, optimizer, scheduler, step)
+        prolong_meta.json         model config, RoPE base, sequence length, tokenizer
+        extra_rank<r>.pt          per-rank RNG and data-sampler state
+    latest_checkpointed_iteration.txt
+
+A save goes to ``.iter_XXXXXXX.tmp`` and is renamed when every rank has finished, and only then
+does the tracker move: a crash mid-save leaves the previous checkpoint loadable and tracked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "prolong_meta.json"
+_OPT_META = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def iter_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        return None
+    path = iter_dir(root, int(tracker.read_text().strip()))
+    if not (path / META).is_file():
+        raise FileNotFoundError(
+            f"{tracker} points at {path}, which is missing or incomplete; remove the tracker to start "
+            "over, or restore that checkpoint"
+        )
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta = Path(path) / META
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a megatron-prolong checkpoint (no {META}); give the iter_XXXXXXX folder "
+            "or a run's checkpoints/ folder"
+        )
+    return json.loads(meta.read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a checkpoints/ root (its latest)."""
+    p = Path(path)
+    if (p / TRACKER).is_file():
+        return latest_checkpoint(p)
+    if (p / "checkpoints" / TRACKER).is_file():
+        return latest_checkpoint(p / "checkpoints")
+    read_meta(p)
+    return p
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    sd = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=_OPT_META)
+    return sd
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    root: Path, step: int, model, optimizer, scheduler, *, extra: dict, meta: dict,
+    keep_last: int | None = None, keep_every: int | None = None,
+) -> Path:
+    rank = dist.get_rank()
+    final = iter_dir(root, step)
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    sd = _sharded_state(model, optimizer, is_loading=False)
+    sd["scheduler"] = scheduler.state_dict()
+    sd["step"] = step
+    dist_checkpointing.save(sd, str(tmp))
+    extra = dict(extra, rng=_rng_state())
+    torch.save(extra, tmp / f"extra_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / META).write_text(json.dumps(dict(meta, step=step), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / TRACKER, str(step))
+        _prune(root, step, keep_last, keep_every)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, latest: int, keep_last: int | None, keep_every: int | None) -> None:
+    if not keep_last:
+        return
+    steps = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+    recent = set(steps[-keep_last:])
+    for s in steps:
+        if s in recent or s == latest or (keep_every and s % keep_every == 0):
+            continue
+        shutil.rmtree(iter_dir(root, s), ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer=None) -> dict:
+    """Load model (and optimizer when given) in place; returns scheduler state, step and this rank's extras."""
+    sd = _sharded_state(model, optimizer, is_loading=True)
+    sd["scheduler"] = None
+    sd["step"] = None
+    loaded = dist_checkpointing.load(sd, str(path))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    extra_file = Path(path) / f"extra_rank{dist.get_rank()}.pt"
+    extra = torch.load(extra_file, weights_only=True) if extra_file.is_file() else {}
+    return {"scheduler": loaded.get("scheduler"), "step": loaded.get("step"), "extra": extra}
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,182 @@
+"""The training loop: Megatron-Core's schedules, DDP and optimizer, the plugin's data and attention."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_prolong.config import ProLongConfig
+from megatron_prolong.data.loader import MixtureLoader
+from megatron_prolong.data.synthetic import write_synthetic_corpus
+from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
+from megatron_prolong.parallel.distributed import Topology
+from megatron_prolong.tokenizer import build_tokenizer
+from megatron_prolong.train import checkpoint as ckpt
+from megatron_prolong.train.metrics import MetricsWriter
+from megatron_prolong.train.optim import build_optimizer, build_scheduler
+from megatron_prolong.train.step import LossStats, forward_step, prepare_micro_batch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _meta(cfg: ProLongConfig, vocab_size: int) -> dict:
+    return {
+        "model": asdict(cfg.model), "vocab_size": vocab_size, "seq_length": cfg.data.seq_length,
+        "tokenizer": asdict(cfg.tokenizer), "format": "megatron-prolong/1",
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: ProLongConfig, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.device = _device()
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+
+        if cfg.data.synthetic:
+            if topo.rank == 0:
+                write_synthetic_corpus(cfg.data.root, cfg.data.seq_length,
+                                       num_sequences=cfg.data.synthetic_sequences, seed=cfg.train.seed)
+            dist.barrier()
+        t = cfg.train
+        self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * topo.dp_size)
+        self.loader = MixtureLoader(
+            cfg.data, vocab_size=self.vocab_size, seed=t.seed, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
+            micro_batch_size=t.micro_batch_size, num_micro_batches=self.num_micro_batches,
+        )
+        self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train)
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length)
+        model.to(self.device)
+        self.model = DistributedDataParallel(
+            config=self.tconfig,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+                average_in_collective=False,  # the per-token loss divides by the global token count
+            ),
+            module=model,
+        )
+        self.optimizer = build_optimizer(cfg.train, cfg.parallel, [self.model])
+        self.scheduler = build_scheduler(cfg.train, self.optimizer)
+        self.step = 0
+        self.tokens_seen = 0
+        self._resume_or_init()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _resume_or_init(self) -> None:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            extra = state["extra"]
+            self.loader.load_state_dict(extra["loader"])
+            self.tokens_seen = int(extra.get("tokens_seen", 0))
+            ckpt.restore_rng_state(extra.get("rng"))
+            self._log(f"resumed from {latest} at step {self.step}")
+        elif self.cfg.checkpoint.load:
+            path = ckpt.resolve_checkpoint(self.cfg.checkpoint.load)
+            opt = self.optimizer if self.cfg.checkpoint.load_optimizer else None
+            ckpt.load_checkpoint(path, self.model, opt)
+            self._log(f"initialised from {path} ({'model and optimizer' if opt else 'model only'}); "
+                      "schedule and data start fresh")
+
+    def save(self) -> None:
+        ckpt.save_checkpoint(
+            self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
+            extra={"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen},
+            meta=_meta(self.cfg, self.vocab_size),
+        )
+
+    # -- training ------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.topo.is_logger:
+            print(f"[megatron-prolong] {msg}", flush=True)
+
+    def train_step(self) -> dict:
+        cfg, topo = self.cfg, self.topo
+        start = time.monotonic()
+        micro = [
+            prepare_micro_batch(mb, rope_mode=cfg.model.rope_positions, cp_size=topo.cp_size,
+                                cp_rank=topo.cp_rank, device=self.device)
+            for mb in self.loader.next_step()
+        ]
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=self.num_micro_batches,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        loss_sum, loss_tokens = self._reduce_loss(outputs)
+        step_tokens = cfg.train.global_batch_size * cfg.data.seq_length
+        self.tokens_seen += step_tokens
+        elapsed = time.monotonic() - start
+        return {
+            "loss": loss_sum / max(loss_tokens, 1.0),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "tokens": self.tokens_seen,
+            "loss_tokens": int(loss_tokens),
+            "step_time": elapsed,
+            "tokens_per_s": step_tokens / elapsed,
+            "tokens_per_s_per_gpu": step_tokens / elapsed / topo.world_size,
+            "skipped": 0 if ok else 1,
+        }
+
+    def _reduce_loss(self, outputs: list[dict]) -> tuple[float, float]:
+        """Sum of token losses and the token count over the global batch, known on every rank."""
+        buf = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.topo.is_last_stage and self.topo.tp_rank == 0:
+            for out in outputs:
+                stats: LossStats = out["stats"]
+                buf[0] += stats.loss_sum.double().sum()
+                buf[1] += stats.tokens.double().sum()
+        dist.all_reduce(buf)
+        return buf[0].item(), buf[1].item()
+
+    def run(self) -> None:
+        cfg = self.cfg
+        total = cfg.train.steps
+        if self.step >= total:
+            self._log(f"run in {self.run_dir} is already complete ({self.step}/{total} steps); "
+                      "give another run.dir to start a new run")
+            return
+        writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard) if self.topo.is_logger else None
+        self._log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
+                  f"attention backend {resolve_attention_backend(cfg.model)}, "
+                  f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={self.topo.dp_size}")
+        try:
+            while self.step < total:
+                record = self.train_step()
+                if writer and (self.step % cfg.log.interval == 0 or self.step == total):
+                    writer.write(self.step, record)
+                interval = cfg.checkpoint.save_interval
+                if self.step == total or (interval and self.step % interval == 0):
+                    self.save()
+        finally:
+            if writer:
+                writer.close()

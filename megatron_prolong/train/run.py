@@ -1,0 +1,23 @@
+"""Start processes groups, train, tear down; CPU runs go through the CPU compatibility layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_prolong.config import ProLongConfig
+from megatron_prolong.parallel.cpu_compat import cpu_compat
+from megatron_prolong.parallel.distributed import init_distributed, shutdown
+
+
+def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
+    with cpu_compat():
+        topo = init_distributed(cfg.parallel, cfg.train.seed)
+        try:
+            if topo.rank == 0:
+                Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+                (Path(cfg.run.dir) / "config.yaml").write_text(resolved_yaml)
+            from megatron_prolong.train.loop import Trainer
+
+            Trainer(cfg, topo).run()
+        finally:
+            shutdown()
