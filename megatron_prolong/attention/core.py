@@ -386,8 +386,9 @@ def flex_block_mask(
     big = torch.iinfo(torch.int64).max // 4
     lo_any = F.pad(lo, (0, pad), value=big).view(b, nq, bq)
     hi_any = F.pad(qpos, (0, pad), value=-1).view(nq, bq)
-    lo_all = F.pad(lo, (0, pad), value=-1).view(b, nq, bq)
-    hi_all = F.pad(qpos, (0, pad), value=big).view(nq, bq)
+    # a query block with padding rows is never "full" (as create_block_mask does)
+    lo_all = F.pad(lo, (0, pad), value=big).view(b, nq, bq)
+    hi_all = F.pad(qpos, (0, pad), value=-1).view(nq, bq)
     any_blocks, all_blocks = [], []
     step = max(1, (1 << 26) // max(1, bq * nk))
     for i in range(0, nq, step):
@@ -397,7 +398,7 @@ def flex_block_mask(
         lf, hf = lo_all[:, i:j, :, None], hi_all[None, i:j, :, None]
         all_blocks.append(((lf <= kl) & (hf >= kr)).all(dim=2))
     nonempty = torch.cat(any_blocks, dim=1)  # [b, nq, nk]
-    full = torch.cat(all_blocks, dim=1) & k_complete & nonempty
+    full = torch.cat(all_blocks, dim=1) & k_complete & nonempty  # padded key blocks: partial
     partial = nonempty & ~full
 
     def ordered(dense):
