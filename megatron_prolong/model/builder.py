@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.model.core_attention import DocumentCoreAttention
+from megatron_prolong.model.init import init_parameters
 
 
 @dataclass
@@ -44,7 +46,8 @@ def resolve_attention_backend(model: ModelConfig) -> str:
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
-    multiple = model.make_vocab_size_divisible_by * tp
+    """Pad to a multiple that TP divides, the same for every layout that multiple allows."""
+    multiple = math.lcm(model.make_vocab_size_divisible_by, tp)
     return -(-vocab_size // multiple) * multiple
 
 
@@ -108,7 +111,7 @@ def layer_spec(backend: str) -> ModuleSpec:
 
 
 def build_model(
-    model: ModelConfig, config: ProLongTransformerConfig, vocab_size: int, seq_length: int
+    model: ModelConfig, config: ProLongTransformerConfig, vocab_size: int, seq_length: int, seed: int
 ) -> GPTModel:
     """One GPTModel chunk for this pipeline stage (no virtual pipeline)."""
     backend = resolve_attention_backend(model)
@@ -127,5 +130,5 @@ def build_model(
         rope_scaling_factor=model.rope_scaling_factor,
         seq_len_interpolation_factor=model.rope_interpolation_factor,
     )
-    gpt.attention_backend_name = backend
+    init_parameters(gpt, seed, model.init_method_std, model.num_layers)
     return gpt
