@@ -49,6 +49,9 @@ AUTO_MULTI_DOC_BACKEND = "flex"
 FLEX_BLOCK_SIZE: tuple[int, int] = (128, 128)
 #: kernel_options passed to flex_attention (None: PyTorch's defaults / autotuning)
 FLEX_KERNEL_OPTIONS: dict | None = None
+#: SDPA kernels to prefer on CUDA, in priority order (names of torch.nn.attention.SDPBackend);
+#: None keeps PyTorch's own order
+SDPA_PRIORITY: tuple[str, ...] | None = None
 #: element budget of one score block in the reference backend
 REFERENCE_BLOCK_ELEMENTS = 1 << 24
 
@@ -239,6 +242,16 @@ def _reference(q, k, v, layout, cp_size, cp_rank, scale):
 # ---------------------------------------------------------------------- sdpa
 def _sdpa_piece(qp, kp, vp, scale):
     """qp [b, hq, n, d], kp/vp [b, hkv, L, d]; causal aligned bottom-right."""
+    if SDPA_PRIORITY and qp.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [getattr(SDPBackend, n) for n in SDPA_PRIORITY]
+        with sdpa_kernel(order, set_priority=True):
+            return _sdpa_piece_call(qp, kp, vp, scale)
+    return _sdpa_piece_call(qp, kp, vp, scale)
+
+
+def _sdpa_piece_call(qp, kp, vp, scale):
     n, L = qp.shape[2], kp.shape[2]
     gqa = qp.shape[1] != kp.shape[1]
     if n == L:

@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""Forward+backward speed of document-masked attention on one GPU, side by side in one run.
+
+Run from the repository root (needs only torch + triton, not megatron-core):
+
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python tools/bench_attention.py --out $OUT/bench.json
+
+Shapes: 64K tokens, batch 1, 32 query heads, 8 KV heads, head dim 128, bf16 (Llama-3-8B).
+Layouts: (a) one 64K document; (b) random document lengths of mean 8K; (c) mean 2K (lengths
+drawn from an exponential distribution with that mean, at least 1 token, the last one cut to
+fill the sequence; fixed seeds).
+
+FLOP convention (FlashAttention's): useful forward FLOPs = 4 * d * hq * P, where P is the number
+of unmasked (query, key) pairs, sum over documents of L (L + 1) / 2 (two matmuls, QK^T and PV,
+2 FLOPs per multiply-add); the backward counts 2.5x the forward (five matmuls), so
+forward+backward = 3.5 x forward. Time: median of triton.testing.do_bench over forward+backward
+with a fixed random output gradient.
+
+Sections:
+- check: every GPU backend vs the ``reference`` backend (float32 math on the same bf16 inputs)
+  on a small multi-document layout with one-token documents, at CP = 1, 2 (ranks emulated
+  with the full K/V), output and dq/dk/dv relative errors.
+- dense: dense causal SDPA on one 64K document (PyTorch's choice, cuDNN, FlashAttention-2).
+- main: the plugin's backends on layouts a/b/c, flex with several kernel_options.
+- cp: one rank of CP=2 at 128K (its 64K zigzag queries against the gathered 128K keys; compute
+  only, no communication: one GPU), time per local token vs CP=1 at 64K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.getcwd())
+import megatron_prolong.attention.core as core  # noqa: E402
+from megatron_prolong.attention import (  # noqa: E402
+    DocumentLayout,
+    attend_gathered,
+    shard_zigzag,
+    unshard_zigzag,
+)
+
+FLEX_VARIANTS = {
+    "default": None,
+    "tma": {"USE_TMA": True},
+    "m128n64": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3},
+    "m128n128": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
+    "bwd64": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+              "bwd_num_warps": 8, "bwd_num_stages": 2},
+}
+CUDNN_FIRST = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def doc_lengths(seed: int, s: int, mean: float | None) -> list[int]:
+    if mean is None:
+        return [s]
+    rng = random.Random(seed)
+    out, left = [], s
+    while left:
+        n = min(left, max(1, int(rng.expovariate(1.0 / mean))))
+        out.append(n)
+        left -= n
+    return out
+
+
+def useful_pairs(layout: DocumentLayout, cp_size=1, cp_rank=0) -> int:
+    tot = 0
+    for _, lq0, lq1, k0, k1 in core.pieces(layout, cp_size, cp_rank):
+        n, L = lq1 - lq0, k1 - k0
+        tot += n * (L - n) + n * (n + 1) // 2
+    return tot
+
+
+@contextlib.contextmanager
+def cudnn_varlen():
+    import torch.nn.attention.varlen as vl
+
+    old = vl._should_use_cudnn
+    vl._should_use_cudnn = lambda idx: True
+    try:
+        yield
+    finally:
+        vl._should_use_cudnn = old
+
+
+@contextlib.contextmanager
+def settings(flex_opts=None, sdpa_priority=None, cudnn=False):
+    old = (core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY)
+    core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY = flex_opts, sdpa_priority
+    try:
+        with cudnn_varlen() if cudnn else contextlib.nullcontext():
+            yield
+    finally:
+        core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY = old
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------- check
+def check(args, report):
+    s, hq, hkv, d = 4096, 8, 2, 128
+    lengths = [1, 1, 700, 1, 333, 1200] + doc_lengths(5, s - 2236, 300)
+    layout = DocumentLayout.from_lengths([lengths], device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(s, 1, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(s, 1, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(s, 1, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    go = torch.randn(s, 1, hq * d, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run(backend, cp, **kw):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        with settings(**kw):
+            outs = [attend_gathered(shard_zigzag(qq, 0, cp, r), kk, vv, layout, cp_size=cp,
+                                    cp_rank=r, backend=backend) for r in range(cp)]
+        out = unshard_zigzag(torch.cat(outs), 0, cp)
+        out.backward(go)
+        return out.detach(), qq.grad, kk.grad, vv.grad
+
+    ref = run("reference", 1)
+    cases = [("flex", {}), ("varlen", {}), ("varlen", {"cudnn": True}), ("sdpa", {}),
+             ("sdpa", {"sdpa_priority": CUDNN_FIRST})]
+    for cp in (1, 2):
+        for backend, kw in cases:
+            name = backend + ("+cudnn" if kw else "")
+            try:
+                got = run(backend, cp, **kw)
+                errs = [rel(a, b) for a, b in zip(got, ref)]
+                ok = max(errs) < 3e-2
+                row = {"backend": name, "cp": cp, "out": errs[0], "dq": errs[1], "dk": errs[2],
+                       "dv": errs[3], "ok": ok}
+            except Exception as e:  # noqa: BLE001
+                row = {"backend": name, "cp": cp, "error": f"{type(e).__name__}: {e}"[:300],
+                       "ok": False}
+            report["check"].append(row)
+            print("check", json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------------- timing
+def bench(step, grads):
+    import triton.testing
+
+    return triton.testing.do_bench(step, warmup=args_g.warmup, rep=args_g.rep,
+                                   grad_to_none=grads, return_mode="median")
+
+
+def time_case(report, section, name, layout_name, fn, q, k, v, go, pairs, hq, d, extra=None):
+    if time.time() - T0 > args_g.budget_s:
+        print(f"skip {name} {layout_name}: time budget", flush=True)
+        return
+    row = {"section": section, "name": name, "layout": layout_name}
+    row.update(extra or {})
+    try:
+        t_c = time.time()
+        out = fn(q, k, v)  # compile / warm
+        out.backward(go)
+        torch.cuda.synchronize()
+        row["first_call_s"] = round(time.time() - t_c, 1)
+
+        def step():
+            fn(q, k, v).backward(go)
+
+        ms = bench(step, [q, k, v])
+        fwd = 4.0 * d * hq * pairs
+        row.update(ms=round(ms, 3), tflops=round(3.5 * fwd / (ms * 1e-3) / 1e12, 1))
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:400]
+        traceback.print_exc()
+    report["rows"].append(row)
+    print("row", json.dumps(row), flush=True)
+    if args_g.out:
+        with open(args_g.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def make_inputs(s, b, hq, hkv, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h: torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16,
+                               generator=g).requires_grad_()
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def main():
+    global args_g, T0
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", type=int, default=65536)
+    p.add_argument("--sections", default="check,dense,main,cp")
+    p.add_argument("--flex", default="default,tma,m128n64", help="flex kernel_options variants")
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--rep", type=int, default=1500)
+    p.add_argument("--budget-s", type=float, default=520)
+    p.add_argument("--out", default=None)
+    args_g = p.parse_args()
+    T0 = time.time()
+    for key in ("recompile_limit", "cache_size_limit"):
+        try:
+            setattr(torch._dynamo.config, key, 64)
+        except Exception:  # noqa: BLE001
+            pass
+    sections = args_g.sections.split(",")
+    props = torch.cuda.get_device_properties(0)
+    report = {"device": props.name, "torch": torch.__version__, "argv": sys.argv, "check": [],
+              "rows": []}
+    print(f"device {props.name}, torch {torch.__version__}, cuda {torch.version.cuda}", flush=True)
+
+    if "check" in sections:
+        check(args_g, report)
+
+    s, b, hq, hkv, d = args_g.seq, 1, 32, 8, 128
+    layouts = {
+        "a_1doc": DocumentLayout.from_lengths([doc_lengths(0, s, None)], device="cuda"),
+        "b_mean8K": DocumentLayout.from_lengths([doc_lengths(1, s, 8192)], device="cuda"),
+        "c_mean2K": DocumentLayout.from_lengths([doc_lengths(2, s, 2048)], device="cuda"),
+    }
+    for n, lay in layouts.items():
+        bd = lay.boundaries()[0]
+        report.setdefault("layouts", {})[n] = {"docs": len(bd) - 1, "pairs": useful_pairs(lay)}
+    q, k, v = make_inputs(s, b, hq, hkv, d)
+    go = torch.randn(s, b, hq * d, device="cuda", dtype=torch.bfloat16)
+
+    if "dense" in sections:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+
+        pairs = useful_pairs(layouts["a_1doc"])
+
+        def dense(backends, expand=False):
+            def fn(q, k, v):
+                qq, kk, vv = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+                if expand:
+                    kk = kk.repeat_interleave(hq // hkv, dim=1)
+                    vv = vv.repeat_interleave(hq // hkv, dim=1)
+                ctx = sdpa_kernel(backends) if backends else contextlib.nullcontext()
+                with ctx:
+                    o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True,
+                                                       enable_gqa=not expand)
+                return o.permute(2, 0, 1, 3).reshape(s, b, hq * d)
+            return fn
+
+        for name, be, ex in [("dense_sdpa_default", None, False),
+                             ("dense_sdpa_cudnn", [SDPBackend.CUDNN_ATTENTION], False),
+                             ("dense_sdpa_cudnn_expandkv", [SDPBackend.CUDNN_ATTENTION], True),
+                             ("dense_sdpa_flash", [SDPBackend.FLASH_ATTENTION], False)]:
+            time_case(report, "dense", name, "a_1doc", dense(be, ex), q, k, v, go, pairs, hq, d)
+
+    if "main" in sections:
+        for lname, lay in layouts.items():
+            pairs = useful_pairs(lay)
+            plugin = lambda backend, lay=lay: (lambda q, k, v: attend_gathered(
+                q, k, v, lay, backend=backend))
+            cases = []
+            for fv in args_g.flex.split(","):
+                cases.append((f"flex[{fv}]", "flex", {"flex_opts": FLEX_VARIANTS[fv]}))
+            cases += [("varlen[fa2]", "varlen", {}), ("varlen[cudnn]", "varlen", {"cudnn": True}),
+                      ("sdpa[default]", "sdpa", {}),
+                      ("sdpa[cudnn]", "sdpa", {"sdpa_priority": CUDNN_FIRST}),
+                      ("auto", "auto", {})]
+            for name, backend, kw in cases:
+                def fn(q, k, v, backend=backend, kw=kw):
+                    with settings(**kw):
+                        return plugin(backend)(q, k, v)
+                time_case(report, "main", name, lname, fn, q, k, v, go, pairs, hq, d)
+
+    if "cp" in sections:
+        del q, k, v, go
+        s2 = 2 * s
+        lay2 = {
+            "a_1doc": DocumentLayout.from_lengths([doc_lengths(0, s2, None)], device="cuda"),
+            "b_mean8K": DocumentLayout.from_lengths([doc_lengths(11, s2, 8192)], device="cuda"),
+            "c_mean2K": DocumentLayout.from_lengths([doc_lengths(12, s2, 2048)], device="cuda"),
+        }
+        qf, kf, vf = make_inputs(s2, b, hq, hkv, d, seed=1)
+        go2 = torch.randn(s, b, hq * d, device="cuda", dtype=torch.bfloat16)
+        for lname, lay in lay2.items():
+            for r in range(2):
+                ql = shard_zigzag(qf.detach(), 0, 2, r).requires_grad_()
+                pairs = useful_pairs(lay, 2, r)
+                for backend, kw, label in [("flex", {}, "flex"),
+                                           ("varlen", {"cudnn": True}, "varlen[cudnn]"),
+                                           ("sdpa", {"sdpa_priority": CUDNN_FIRST}, "sdpa[cudnn]")]:
+                    if backend == "sdpa" and lname != "a_1doc":
+                        continue
+
+                    def fn(q, k, v, backend=backend, kw=kw, r=r, lay=lay):
+                        with settings(**kw):
+                            return attend_gathered(q, k, v, lay, cp_size=2, cp_rank=r,
+                                                   backend=backend)
+                    time_case(report, "cp2_128K", f"{label}", lname, fn, ql, kf, vf, go2,
+                              pairs, hq, d, extra={"rank": r, "local_tokens": s})
+                del ql
+
+    # ------------------------------------------------------------ summary
+    print("\n== checks (relative error vs reference; ok < 3e-2) ==")
+    for c in report["check"]:
+        if "error" in c:
+            print(f"  {c['backend']:14s} cp={c['cp']}  ERROR {c['error'][:120]}")
+        else:
+            print(f"  {c['backend']:14s} cp={c['cp']}  out {c['out']:.1e} dq {c['dq']:.1e} "
+                  f"dk {c['dk']:.1e} dv {c['dv']:.1e} {'ok' if c['ok'] else 'FAIL'}")
+    print(f"\n== fwd+bwd TFLOP/s (3.5 x useful fwd FLOPs), {props.name} ==")
+    print(f"layouts: {report.get('layouts')}")
+    for r in report["rows"]:
+        tag = f"{r['section']:9s} {r['name']:26s} {r['layout']:9s}" + (
+            f" rank{r['rank']}" if "rank" in r else "")
+        if "error" in r:
+            print(f"  {tag} ERROR {r['error'][:150]}")
+        else:
+            extra = ""
+            if "local_tokens" in r:
+                extra = f"  {r['ms'] / r['local_tokens'] * 1e3:.3f} us/token"
+            print(f"  {tag} {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s"
+                  f" (first call {r['first_call_s']} s){extra}")
+    stats = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats",)}
+    report["dynamo"] = stats
+    print(f"dynamo counters: {stats}; total {time.time() - T0:.0f} s")
+    if args_g.out:
+        with open(args_g.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
