@@ -149,7 +149,7 @@ class MixtureLoader:
 
         if cfg.synthetic and any(
             d.format == "mds" and d.path in SYNTHETIC_DOMAINS for d in cfg.mixture
-        ) and not synthetic_corpus_exists(root):
+        ) and not synthetic_corpus_exists(root, cfg.seq_length):
             write_synthetic_corpus(root, cfg.seq_length, num_sequences=cfg.synthetic_sequences)
 
         self.sources = []

@@ -12,6 +12,7 @@ uint32, shape [n, 2]) and `domain` (str), like prolong-data-64K.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -68,8 +69,27 @@ def _short_sample(rng: np.random.Generator, tok: ByteTokenizer, seq_length: int)
     return np.asarray(ids, dtype=np.uint32), np.asarray(indices, dtype=np.uint32)
 
 
-def synthetic_corpus_exists(root: str) -> bool:
-    return all(os.path.isfile(os.path.join(root, d, "index.json")) for d in SYNTHETIC_DOMAINS)
+MARKER = "synthetic.json"
+
+
+def synthetic_corpus_exists(root: str, seq_length: int | None = None) -> bool:
+    """True when both domains are there. With seq_length, a corpus made for another sequence
+    length raises a clear error instead (its samples would all fail the length check)."""
+    if not all(os.path.isfile(os.path.join(root, d, "index.json")) for d in SYNTHETIC_DOMAINS):
+        return False
+    if seq_length is not None:
+        try:
+            with open(os.path.join(root, MARKER)) as f:
+                made = json.load(f)
+        except (OSError, ValueError):
+            return True
+        if made.get("seq_length") != seq_length:
+            raise ValueError(
+                f"data.root={root} holds a synthetic corpus made for seq_length="
+                f"{made.get('seq_length')}, but data.seq_length={seq_length}; remove its `long` and "
+                "`short` folders (or use another run.dir / data.root) to regenerate it"
+            )
+    return True
 
 
 def write_synthetic_corpus(
@@ -117,3 +137,8 @@ def write_synthetic_corpus(
             if not os.path.isfile(os.path.join(final, "index.json")):
                 raise
         shutil.rmtree(tmp, ignore_errors=True)
+    marker = {"seq_length": seq_length, "num_sequences": num_sequences, "seed": seed}
+    tmp_marker = os.path.join(root, f".{MARKER}.{os.getpid()}")
+    with open(tmp_marker, "w") as f:
+        json.dump(marker, f)
+    os.replace(tmp_marker, os.path.join(root, MARKER))

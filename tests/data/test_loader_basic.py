@@ -44,3 +44,35 @@ def test_synthetic_corpus_is_deterministic(tmp_path):
                 assert sa.indices.tolist() == [[0, 128]]
             else:
                 assert sa.indices[0, 0] == 0 and sa.indices[-1, 1] == 128 and len(sa.indices) >= 2
+
+
+def test_synthetic_corpus_for_another_length_fails_clearly(tmp_path):
+    import pytest
+
+    root = str(tmp_path / "data")
+    kw = dict(vocab_size=258, seed=0, dp_rank=0, dp_size=1, micro_batch_size=1, num_micro_batches=1)
+    MixtureLoader(DataConfig(root=root, seq_length=64, synthetic_sequences=4), **kw)
+    with pytest.raises(ValueError, match="synthetic corpus made for seq_length=64, but data.seq_length=128"):
+        MixtureLoader(DataConfig(root=root, seq_length=128, synthetic_sequences=4), **kw)
+
+
+def test_synthetic_long_domain_is_learnable_by_copying(tmp_path):
+    """The long domain repeats a passage: most tokens are predictable from far back."""
+    from megatron_prolong.data.sources import MDSSource
+    from megatron_prolong.data.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(str(tmp_path), 1024, num_sequences=4)
+    ids = MDSSource("long", str(tmp_path / "long")).get(0).input_ids
+    assert ids[0] == 256 and ids[1:].max() < 256
+    period = next(p for p in range(8, 400) if np.array_equal(ids[1 : 1 + p], ids[1 + p : 1 + 2 * p]))
+    assert np.array_equal(ids[1 + period :], ids[1 : len(ids) - period])
+
+
+def test_loader_accepts_a_hydra_dictconfig(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(DataConfig(root=str(tmp_path / "d"), seq_length=64, synthetic_sequences=8))
+    cfg = OmegaConf.merge(cfg, OmegaConf.create({"mixture": [{"name": "long", "path": "long", "share": 1}]}))
+    ld = MixtureLoader(cfg, vocab_size=258, seed=0, dp_rank=0, dp_size=1, micro_batch_size=2, num_micro_batches=1)
+    (mb,) = ld.next_step()
+    assert mb["domain"].tolist() == [0, 0] and ld.domain_names == ["long"]
