@@ -4,13 +4,17 @@ Inputs: jsonl files (`.jsonl`, `.jsonl.gz`), parquet files, or a Hugging Face da
 `save_to_disk` (a folder); a folder of jsonl/parquet files is read file by file in sorted order.
 
 Pre-training text (one document per record, field --text-key): tokenized with BOS/EOS per
-document. With length bucketing (ProLong's packing), documents of >= T tokens for each threshold
-T (default 524288 and 65536) go to `<name>-T`, cut into T-token pieces (the shorter remainder is
-dropped), and shorter documents go to `<name>`. MDS output packs each bucket into sequences of
-exactly --seq-length tokens (`input_ids` uint32, `indices` (start, end) pairs, `domain`); a
-document that does not fit continues in the next sequence with its boundary kept; the last
-partial sequence is dropped. Indexed output writes one Megatron document per (bucketed)
-document and leaves packing to the loader (DomainConfig.min_doc_length / max_doc_length).
+document. MDS output packs documents into sequences of exactly --seq-length tokens (`input_ids`
+uint32, `indices` (start, end) pairs uint32 [n, 2], `domain`); a document that does not fit
+continues in the next sequence, re-opened with BOS, boundaries kept; the last partial sequence is
+dropped. Length bucketing (--bucket, ProLong's packing as in princeton-nlp's datatools): while a
+document has >= min(thresholds) tokens, its first T tokens (T the largest threshold it reaches,
+default 524288 / 65536) go to `<name>-T` and the rest, re-opened with BOS, goes round again; a
+final remainder below the smallest threshold is dropped. Documents that start below the smallest
+threshold go to `<name>` (packed). A T-token piece with T > --seq-length is cut into
+sequence-length parts (one per sequence). Indexed output writes one Megatron document per
+document (whole, into the bucket of its length) and leaves cutting and packing to the loader
+(DomainConfig.min_doc_length / max_doc_length).
 
 SFT (--sft): records with `messages` ([{role, content}, ...]) are rendered with the tokenizer's
 chat template (the byte tokenizer has a simple built-in one); `mask` = 1 exactly on the tokens
@@ -177,14 +181,15 @@ def _tokenize(item):
 class MDSPacker:
     """Packs documents into sequences of exactly seq_length tokens, written with MDSWriter."""
 
-    def __init__(self, out: str, seq_length: int, domain: str, *, sft: bool, pad_id: int, size_limit: int):
+    def __init__(self, out: str, seq_length: int, domain: str, *, sft: bool, pad_id: int, size_limit: int,
+                 bos_id: Optional[int] = None):
         from streaming import MDSWriter
 
         columns = {"input_ids": "ndarray:uint32", "indices": "ndarray:uint32", "domain": "str"}
         if sft:
             columns["mask"] = "ndarray:uint8"
         self.w = MDSWriter(out=out, columns=columns, size_limit=size_limit, compression=None)
-        self.s, self.domain, self.sft, self.pad_id = seq_length, domain, sft, pad_id
+        self.s, self.domain, self.sft, self.pad_id, self.bos_id = seq_length, domain, sft, pad_id, bos_id
         self.ids: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
         self.indices: list[tuple[int, int]] = []
@@ -219,15 +224,16 @@ class MDSPacker:
             if self.fill == self.s:
                 self._flush()
             return
-        pos = 0
-        while pos < len(ids):  # pre-training: a document continues in the next sequence
-            n = min(len(ids) - pos, self.s - self.fill)
+        while len(ids):  # pre-training: a document continues in the next sequence
+            n = min(len(ids), self.s - self.fill)
             self.indices.append((self.fill, self.fill + n))
-            self.ids.append(ids[pos : pos + n])
+            self.ids.append(ids[:n])
             self.fill += n
-            pos += n
+            ids = ids[n:]
             if self.fill == self.s:
                 self._flush()
+            if len(ids) and self.bos_id is not None and ids[0] != self.bos_id:
+                ids = np.concatenate([[self.bos_id], ids])  # re-open the continuation (datatools)
 
     def close(self) -> None:
         if self.fill:
@@ -278,6 +284,7 @@ def prepare(args: argparse.Namespace) -> dict:
     thresholds = tuple(args.thresholds) if args.bucket and not args.sft else ()
     os.makedirs(args.output, exist_ok=True)
     pad_id = tok.eos_id if tok.eos_id is not None else 0
+    bos_id = None if (args.no_bos or args.sft) else tok.bos_id
     writers: dict = {}
 
     def writer(t: Optional[int]):
@@ -288,7 +295,7 @@ def prepare(args: argparse.Namespace) -> dict:
                 if os.path.exists(path) and os.listdir(path):
                     raise FileExistsError(f"output folder {path} exists and is not empty")
                 writers[t] = MDSPacker(path, args.seq_length, args.domain or args.name, sft=args.sft,
-                                       pad_id=pad_id, size_limit=args.size_limit)
+                                       pad_id=pad_id, size_limit=args.size_limit, bos_id=bos_id)
             else:
                 writers[t] = IndexedWriter(path, vocab)
         return writers[t]
@@ -321,17 +328,22 @@ def prepare(args: argparse.Namespace) -> dict:
                 raise ValueError(f"token id {int(ids.max())} >= vocab size {vocab}")
             stats["documents"] += 1
             stats["tokens"] += int(ids.size)
-            t = bucket_of(len(ids), thresholds)
-            if t is None:
+            if not thresholds or len(ids) < min(thresholds):
                 writer(None).add(ids, mask)
             elif args.format == "indexed":
-                writer(t).add(ids)
+                writer(bucket_of(len(ids), thresholds)).add(ids)
             else:
-                piece = min(t, args.seq_length)
-                n = len(ids) // t * (t // piece)  # whole T-token pieces, as seq-length parts
-                for k in range(n):
-                    writer(t).add(ids[k * piece : (k + 1) * piece])
-                stats["dropped_remainder_tokens"] += len(ids) - n * piece
+                while len(ids) >= min(thresholds):
+                    t = bucket_of(len(ids), thresholds)
+                    piece, ids = ids[:t], ids[t:]
+                    if t <= args.seq_length:
+                        writer(t).add(piece)
+                    else:  # one sequence-length part per sequence
+                        for k in range(0, t, args.seq_length):
+                            writer(t).add(piece[k : k + args.seq_length])
+                    if len(ids) and bos_id is not None:
+                        ids = np.concatenate([[bos_id], ids])
+                stats["dropped_remainder_tokens"] += len(ids)
     finally:
         if pool is not None:
             pool.close()

@@ -43,13 +43,15 @@ def read_mds(path):
 
 def docs_from_sequences(samples):
     """Reassemble documents: a segment that starts a sequence continues the previous segment
-    when the latter ended the previous sequence without EOS."""
+    when the latter ended the previous sequence without EOS (re-opened with BOS, as ProLong's
+    datatools does)."""
     docs = []
     for s in samples:
         for a, b in s.indices:
             seg = s.input_ids[a:b].astype(np.int64).tolist()
             if a == 0 and docs and docs[-1][-1] != TOK.eos_id:
-                docs[-1] += seg
+                assert seg[0] == TOK.bos_id
+                docs[-1] += seg[1:]
             else:
                 docs.append(seg)
     return docs
@@ -63,8 +65,12 @@ def test_jsonl_to_packed_mds_keeps_documents(tmp_path):
     samples = read_mds(tmp_path / "out" / "web")
     expected = [[TOK.bos_id] + TOK.encode(x) + [TOK.eos_id] for x in t]
     total = sum(map(len, expected))
-    assert len(samples) == total // S == stats["outputs"]["web"]["sequences"]
-    assert stats["outputs"]["web"]["dropped_tokens"] == total % S
+    assert len(samples) == stats["outputs"]["web"]["sequences"]
+    # Every token is kept, plus one BOS per continued document, minus the dropped tail.
+    # (a continuation of the last sequence's last document may sit in the dropped tail)
+    continued = sum(1 for prev in samples if prev.input_ids[prev.indices[-1, 1] - 1] != TOK.eos_id)
+    assert continued > 0
+    assert len(samples) * S + stats["outputs"]["web"]["dropped_tokens"] == total + continued
     for s in samples:
         assert s.input_ids.dtype == np.uint32 and s.input_ids.shape == (S,)
         assert s.indices[0, 0] == 0 and s.indices[-1, 1] == S
@@ -120,7 +126,27 @@ def test_length_bucketing(tmp_path):
     assert len(mid) == 2
     # shorter: the 50-token document alone does not fill a sequence: dropped tail.
     assert stats["outputs"]["book"]["sequences"] == 0 and stats["outputs"]["book"]["dropped_tokens"] == 50
-    assert stats["dropped_remainder_tokens"] == (600 - 512) + (1100 - 1024) + (300 - 256)
+    # Remainders cascade to smaller buckets, re-opened with BOS (ProLong's datatools):
+    # 600 -> 512 + (88+1 dropped); 1100 -> 512 + (588+1 -> 512 + (77+1 dropped)); 300 -> 256 + (44+1).
+    assert stats["dropped_remainder_tokens"] == 89 + 78 + 45
+    assert big[8].input_ids[0] == TOK.bos_id  # the cascaded second 512-piece of the 1100 document
+
+
+def test_length_bucketing_pieces_packed_into_longer_sequences(tmp_path):
+    # Stage 2's layout at small scale: pieces of T <= seq_length packed several per sequence.
+    S2 = 256
+    lens = [298, 98, 38]  # + BOS/EOS = 300, 100, 40
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "y" * n} for n in lens])
+    stats = run(inp, "--output", tmp_path / "o", "--name", "code", "--tokenizer", "byte", "--seq-length", S2,
+                "--bucket", "--thresholds", 128, 64, "--workers", 1)
+    # 300 -> 128 + (172+1 -> 128 + (45+1 dropped)); 100 -> 64 + (36+1 dropped); 40 -> short bucket.
+    (seq,) = read_mds(tmp_path / "o" / "code-128")
+    assert seq.indices.tolist() == [[0, 128], [128, 256]]
+    assert seq.input_ids[0] == TOK.bos_id and seq.input_ids[128] == TOK.bos_id
+    assert (seq.input_ids[1:128] == ord("y")).all() and (seq.input_ids[129:] == ord("y")).all()
+    assert stats["outputs"]["code-64"] == {"documents": 1, "sequences": 0, "dropped_tokens": 64, "truncated": 0}
+    assert stats["outputs"]["code"]["dropped_tokens"] == 40
+    assert stats["dropped_remainder_tokens"] == 46 + 37
 
 
 def test_indexed_output_and_online_packing(tmp_path):
