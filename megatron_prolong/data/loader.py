@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Optional
 
 import numpy as np
 import torch
@@ -77,15 +76,17 @@ def build_row(sample: Sample, *, seq_length: int, sft: bool, pad_id: int):
     tokens[:n] = ids
     labels = np.full(s, pad_id, dtype=np.int64)
     labels[:-1] = tokens[1:]
-    covered = np.zeros(s + 1, dtype=bool)  # covered[i]: token i belongs to a listed document
     idx = sample.indices
     idx = idx[idx[:, 1] > idx[:, 0]] if idx.size else idx
     if idx.size == 0:
         idx = np.asarray([[0, n]], dtype=np.int64)
     # Documents: the listed ones plus any gap (and the padding tail) as its own segment.
     cuts = np.unique(np.concatenate([[0, n, s], idx[:, 0], idx[:, 1]]))
-    for a, b in idx:
-        covered[a:b] = True
+    # covered[i]: token i belongs to a listed document (pairs do not overlap: checked).
+    delta = np.zeros(s + 2, dtype=np.int64)
+    np.add.at(delta, idx[:, 0], 1)
+    np.add.at(delta, idx[:, 1], -1)
+    covered = np.cumsum(delta)[: s + 1] > 0
     loss = np.ones(s, dtype=np.float32)
     loss[-1] = 0.0
     starts = cuts[1:-1]  # every document start except 0

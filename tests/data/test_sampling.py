@@ -162,3 +162,16 @@ def test_length_balanced_order(three_domains):
     assert costs == sorted(costs, reverse=True)
     # Sum of squared document lengths, from the boundaries.
     assert sequence_cost(np.array([0, 5, 12, 32, 32])) == 25 + 49 + 400
+
+
+def test_resume_with_other_dp_size_keeps_the_global_stream(three_domains):
+    # Same global batch (8): 2 ranks x 2 x 2 before, 1 rank x 4 x 2 after.
+    two = [make_loader(three_domains, dp_rank=r, dp_size=2, mbs=2, nmb=2) for r in range(2)]
+    for _ in range(3):
+        for ld in two:
+            ld.next_assignment()
+    expected = [sorted(two[0].next_assignment() + two[1].next_assignment()) for _ in range(4)]
+    one = make_loader(three_domains, dp_rank=0, dp_size=1, mbs=4, nmb=2)
+    for _ in range(3):
+        one.next_assignment()
+    assert [sorted(one.next_assignment()) for _ in range(4)] == expected
