@@ -29,7 +29,8 @@ STATE_VERSION = 1
 
 
 def resolve_path(root: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(root, path)
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.join(os.path.expanduser(root), path)
 
 
 def check_mixture(cfg: DataConfig) -> np.ndarray:

@@ -94,6 +94,8 @@ def iter_records(paths: list[str]) -> Iterator[tuple[str, dict]]:
                             rec = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise ValueError(f"{file} line {line_no}: not valid JSON ({e})") from None
+                        if not isinstance(rec, dict):
+                            raise ValueError(f"{file} line {line_no}: not a JSON object (one record per line)")
                         yield f"{file} line {line_no}", rec
 
 

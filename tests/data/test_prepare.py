@@ -282,3 +282,10 @@ def test_sft_bad_messages(tmp_path):
     inp = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user"}]}])
     with pytest.raises(ValueError, match=r"chat.jsonl line 1: `messages` is not a list of \{role, content\}"):
         run(inp, "--output", tmp_path / "o", "--name", "c", "--tokenizer", "byte", "--sft", "--workers", 1)
+
+
+def test_non_object_json_line_is_named(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "ok"}\n["a", "b"]\n')
+    with pytest.raises(ValueError, match=r"in.jsonl line 2: not a JSON object"):
+        run(inp, "--output", tmp_path / "o", "--name", "d", "--tokenizer", "byte", "--workers", 1)
