@@ -13,10 +13,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
+from megatron_prolong.model.norm import RMSNorm
 
 
 @dataclass
@@ -100,14 +102,17 @@ def build_transformer_config(
     )
 
 
-def layer_spec(backend: str) -> ModuleSpec:
+def block_spec(backend: str, config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = DocumentCoreAttention
-    return spec
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = DocumentCoreAttention
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    local_layers = get_num_layers_to_build(config)  # this pipeline stage's share
+    return TransformerBlockSubmodules(layer_specs=[layer] * local_layers, layer_norm=RMSNorm)
 
 
 def build_model(
@@ -117,7 +122,7 @@ def build_model(
     backend = resolve_attention_backend(model)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(backend),
+        transformer_layer_spec=block_spec(backend, config),
         vocab_size=padded_vocab_size(vocab_size, model, config.tensor_model_parallel_size),
         max_sequence_length=seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -67,7 +67,8 @@ class _NullStream:
 _PATCHES: dict[str, Any] = {
     "current_stream": lambda *a, **k: _NullStream(),
     "stream": lambda *a, **k: contextlib.nullcontext(),
-    "current_device": lambda: 0,
+    # A device object rather than 0: autograd runs backward outside the function mode, where 0 means cuda:0.
+    "current_device": lambda: torch.device("cpu"),
     "device_count": lambda: 1,
     "set_device": lambda *a, **k: None,
     "synchronize": lambda *a, **k: None,
@@ -82,6 +83,19 @@ _PATCHES: dict[str, Any] = {
 }
 
 
+def _module_patches() -> list[tuple[Any, str, Any]]:
+    """(module, attribute, replacement) beyond torch.cuda itself."""
+    import torch.cuda.random
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    return [
+        (torch.cuda.random, "get_rng_state", _PATCHES["get_rng_state"]),
+        (torch.cuda.random, "set_rng_state", _PATCHES["set_rng_state"]),
+        # Megatron's RNG tracker sets CUDA states through a lazy call that never runs without CUDA.
+        (mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+    ]
+
+
 def needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -92,12 +106,13 @@ def cpu_compat() -> Iterator[None]:
     if not needed():
         yield
         return
-    saved = {name: getattr(torch.cuda, name) for name in _PATCHES}
-    for name, fn in _PATCHES.items():
-        setattr(torch.cuda, name, fn)
+    patches = [(torch.cuda, name, fn) for name, fn in _PATCHES.items()] + _module_patches()
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, fn in patches:
+        setattr(module, name, fn)
     try:
         with _CudaToCpuMode():
             yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch.cuda, name, fn)
+        for module, name, fn in saved:
+            setattr(module, name, fn)

@@ -1,0 +1,16 @@
+"""RMSNorm that works with Megatron's sequence parallelism without Transformer Engine.
+
+Megatron's local spec refuses sequence parallelism because torch's norms lack the attribute that
+tells ``finalize_model_grads`` to all-reduce their gradients across tensor-parallel ranks (each
+rank sees only its slice of the sequence). Marking the weight is all it takes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)

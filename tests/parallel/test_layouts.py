@@ -1,0 +1,42 @@
+"""Parallel layouts give the per-step losses of a single process (float32, relative 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PARITY, assert_losses_close
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    from conftest import train
+
+    return train(tmp_path_factory.mktemp("baseline") / "run", *PARITY).losses
+
+
+@pytest.mark.parametrize(
+    "layout,nproc",
+    [
+        (("parallel.tp=2",), 2),
+        (("parallel.pp=2",), 2),
+        (("parallel.cp=2",), 2),
+        (("parallel.tp=2", "parallel.sequence_parallel=true"), 2),
+        ((), 2),  # data parallel: 2 replicas, the same global batch
+        (("parallel.tp=2", "parallel.cp=2"), 4),
+    ],
+    ids=["tp2", "pp2", "cp2", "tp2-sp", "dp2", "tp2-cp2"],
+)
+def test_layout_matches_single_process(baseline, run_training, layout, nproc):
+    run = run_training(*PARITY, *layout, nproc=nproc)
+    assert len(baseline) == 4
+    assert_losses_close(run.losses, baseline)
+
+
+def test_distributed_optimizer_matches(baseline, run_training):
+    run = run_training(*PARITY, "parallel.distributed_optimizer=true", nproc=2)
+    assert_losses_close(run.losses, baseline)
+
+
+def test_per_document_positions_match_continuous(baseline, run_training):
+    """RoPE is relative, so with document masking restarting positions per document is the same function."""
+    run = run_training(*PARITY, "model.rope_positions=per_document")
+    assert_losses_close(run.losses, baseline)
