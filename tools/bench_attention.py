@@ -81,26 +81,14 @@ def useful_pairs(layout: DocumentLayout, cp_size=1, cp_rank=0) -> int:
 
 
 @contextlib.contextmanager
-def cudnn_varlen():
-    import torch.nn.attention.varlen as vl
-
-    old = vl._should_use_cudnn
-    vl._should_use_cudnn = lambda idx: True
+def settings(flex_opts=None, sdpa_priority=None, auto=None):
+    old = (core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY, core.AUTO_MULTI_DOC_BACKEND)
+    core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY = flex_opts, sdpa_priority
+    core.AUTO_MULTI_DOC_BACKEND = auto or old[2]
     try:
         yield
     finally:
-        vl._should_use_cudnn = old
-
-
-@contextlib.contextmanager
-def settings(flex_opts=None, sdpa_priority=None, cudnn=False):
-    old = (core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY)
-    core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY = flex_opts, sdpa_priority
-    try:
-        with cudnn_varlen() if cudnn else contextlib.nullcontext():
-            yield
-    finally:
-        core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY = old
+        core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY, core.AUTO_MULTI_DOC_BACKEND = old
 
 
 def rel(a, b):
@@ -128,8 +116,7 @@ def check(args, report):
         return out.detach(), qq.grad, kk.grad, vv.grad
 
     ref = run("reference", 1)
-    cases = [("flex", {}), ("varlen", {}), ("varlen", {"cudnn": True}), ("sdpa", {}),
-             ("sdpa", {"sdpa_priority": CUDNN_FIRST})]
+    cases = [("flex", {}), ("varlen", {}), ("sdpa", {})]
     for cp in (1, 2):
         for backend, kw in cases:
             name = backend + ("+cudnn" if kw else "")
@@ -195,7 +182,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=65536)
     p.add_argument("--sections", default="check,dense,main,cp")
-    p.add_argument("--flex", default="default,tma,m128n64", help="flex kernel_options variants")
+    p.add_argument("--flex", default="default", help="flex kernel_options variants")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--rep", type=int, default=1500)
     p.add_argument("--budget-s", type=float, default=520)
@@ -249,7 +236,6 @@ def main():
 
         for name, be, ex in [("dense_sdpa_default", None, False),
                              ("dense_sdpa_cudnn", [SDPBackend.CUDNN_ATTENTION], False),
-                             ("dense_sdpa_cudnn_expandkv", [SDPBackend.CUDNN_ATTENTION], True),
                              ("dense_sdpa_flash", [SDPBackend.FLASH_ATTENTION], False)]:
             time_case(report, "dense", name, "a_1doc", dense(be, ex), q, k, v, go, pairs, hq, d)
 
@@ -261,9 +247,8 @@ def main():
             cases = []
             for fv in args_g.flex.split(","):
                 cases.append((f"flex[{fv}]", "flex", {"flex_opts": FLEX_VARIANTS[fv]}))
-            cases += [("varlen[fa2]", "varlen", {}), ("varlen[cudnn]", "varlen", {"cudnn": True}),
-                      ("sdpa[default]", "sdpa", {}),
-                      ("sdpa[cudnn]", "sdpa", {"sdpa_priority": CUDNN_FIRST}),
+            cases += [("varlen[fa2]", "varlen", {}),
+                      ("sdpa[per-doc]", "sdpa", {}),
                       ("auto", "auto", {})]
             for name, backend, kw in cases:
                 def fn(q, k, v, backend=backend, kw=kw):
@@ -285,9 +270,8 @@ def main():
             for r in range(2):
                 ql = shard_zigzag(qf.detach(), 0, 2, r).requires_grad_()
                 pairs = useful_pairs(lay, 2, r)
-                for backend, kw, label in [("flex", {}, "flex"),
-                                           ("varlen", {"cudnn": True}, "varlen[cudnn]"),
-                                           ("sdpa", {"sdpa_priority": CUDNN_FIRST}, "sdpa[cudnn]")]:
+                for backend, kw, label in [("flex", {}, "flex"), ("varlen", {}, "varlen[fa2]"),
+                                           ("sdpa", {}, "sdpa"), ("auto", {}, "auto")]:
                     if backend == "sdpa" and lname != "a_1doc":
                         continue
 

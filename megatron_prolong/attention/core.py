@@ -24,8 +24,9 @@ Backends:
   (full blocks skip the mask function), cached on the layout, compiled once per process.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 varlen) with
   cumulative lengths per piece; CUDA only.
-- ``auto``: CPU -> ``reference``; CUDA -> ``sdpa`` for single-document layouts, otherwise
-  :data:`AUTO_MULTI_DOC_BACKEND` (chosen from the measurements in docs/benchmarks.md).
+- ``auto``: CPU -> ``reference``; CUDA -> ``sdpa`` for single-document rows without CP,
+  otherwise :data:`AUTO_MULTI_DOC_BACKEND` (chosen from the measurements in
+  docs/benchmarks.md; see :func:`resolve_backend`).
 """
 
 from __future__ import annotations
@@ -116,19 +117,31 @@ def attend_gathered(
         raise ValueError(f"local length {s_local} x cp_size {cp_size} != sequence length {s}")
     layout = _on_device(layout, q.device)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    name = resolve_backend(backend, q.device, layout)
+    name = resolve_backend(backend, q.device, layout, cp_size)
     out = _IMPLS[name](q, k_full, v_full, layout, cp_size, cp_rank, scale)
     return out.reshape(s_local, b, hq * d)
 
 
-def resolve_backend(backend: str, device: torch.device, layout: DocumentLayout) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, layout: DocumentLayout, cp_size: int = 1
+) -> str:
+    """The backend ``auto`` stands for (others are returned as given, after a name check).
+
+    CPU: ``reference``. CUDA (H100 measurements in docs/benchmarks.md): single-document rows
+    without CP -> ``sdpa`` (one causal call, cuDNN: 545 TFLOP/s, = dense SDPA); everything else
+    -> :data:`AUTO_MULTI_DOC_BACKEND` (flex: 359 / 318 TFLOP/s at mean 8K / 2K documents, ahead
+    of varlen_attn's 310 / 281; with CP a single document's pieces need a lower-right causal
+    mask, which SDPA only has through FlashAttention-2, 11.2 vs flex's 9.5 us/token).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
         return backend
     if torch.device(device).type != "cuda":
         return "reference"
-    return "sdpa" if layout.is_single_document() else AUTO_MULTI_DOC_BACKEND
+    if cp_size == 1 and layout.is_single_document():
+        return "sdpa"
+    return AUTO_MULTI_DOC_BACKEND
 
 
 def _on_device(layout: DocumentLayout, device: torch.device) -> DocumentLayout:

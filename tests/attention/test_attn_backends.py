@@ -120,6 +120,12 @@ def test_no_leakage_between_documents(backend):
 def test_auto_and_errors():
     layout = DocumentLayout.from_lengths([[10, 54]])
     assert resolve_backend("auto", torch.device("cpu"), layout) == "reference"
+    one = DocumentLayout.single_document(1, S)
+    cuda = torch.device("cuda")  # only the device type is looked at
+    assert resolve_backend("auto", cuda, one) == "sdpa"
+    assert resolve_backend("auto", cuda, one, cp_size=2) == "flex"
+    assert resolve_backend("auto", cuda, layout) == "flex"
+    assert resolve_backend("varlen", torch.device("cpu"), layout) == "varlen"
     q, k, v = _inputs(1, 4, 2, seed=0, requires_grad=False)
     with pytest.raises(ValueError, match="unknown attention backend"):
         document_attention(q, k, v, layout, backend="flash")
