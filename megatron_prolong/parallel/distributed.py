@@ -32,8 +32,17 @@ class Topology:
         return self.rank == 0
 
 
+def _env(torchrun: str, slurm: str, default: str) -> str:
+    """torchrun's variables, else Slurm's (one task per GPU under srun), else a single process."""
+    if torchrun in os.environ:
+        return os.environ[torchrun]
+    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        return os.environ.get(slurm, default)
+    return default
+
+
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(_env("WORLD_SIZE", "SLURM_NTASKS", "1"))
 
 
 def _free_port() -> int:
@@ -44,14 +53,14 @@ def _free_port() -> int:
 
 def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
     """Start the default process group (torchrun env, or a single local process) and Megatron's groups."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(_env("RANK", "SLURM_PROCID", "0"))
     world_size = world_size_from_env()
     if not dist.is_initialized():
         if world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(_env("LOCAL_RANK", "SLURM_LOCALID", "0")))
         dist.init_process_group(
             "nccl" if torch.cuda.is_available() else "gloo",
             rank=rank, world_size=world_size, timeout=timedelta(minutes=30),

@@ -23,9 +23,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_prolong.train import mcore_fixes
+
+mcore_fixes.apply()
+
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "prolong_meta.json"
-_OPT_META = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# fully_reshardable: a checkpoint loads into any TP/PP/CP/DP layout (stage 2 may use another one).
+_SHARDING_META = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
 
 
 def iter_dir(root: Path, step: int) -> Path:
@@ -66,10 +75,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def _unwrap(model):
+    """Checkpoint keys are the GPTModel's own (no DDP ``module.`` prefix): converters rely on them."""
+    return getattr(model, "module", model)
+
+
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    sd = {"model": model.sharded_state_dict()}
+    sd = {"model": _unwrap(model).sharded_state_dict(metadata=_SHARDING_META)}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=_OPT_META)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=_SHARDING_META)
     return sd
 
 
@@ -120,15 +134,41 @@ def _prune(root: Path, latest: int, keep_last: int | None, keep_every: int | Non
         shutil.rmtree(iter_dir(root, s), ignore_errors=True)
 
 
+def _inner_optimizers(optimizer) -> list:
+    return [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _materialize_adam_state(optimizer) -> bool:
+    """Give a fresh torch Adam placeholder state while the load target is built; True if it was fresh.
+
+    Without Apex or Transformer Engine, Megatron's distributed optimizer reads ``step`` from the
+    torch optimizer's state when building the state dict to load into, and a new one has none.
+    The placeholders are dropped again before ``load_state_dict`` allocates the real state.
+    """
+    fresh = all(not inner.state for inner in _inner_optimizers(optimizer))
+    if fresh:
+        for inner in _inner_optimizers(optimizer):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p].update(step=torch.zeros((), dtype=torch.float32),
+                                          exp_avg=torch.zeros_like(p.data), exp_avg_sq=torch.zeros_like(p.data))
+    return fresh
+
+
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load model (and optimizer when given) in place; returns scheduler state, step and this rank's extras."""
+    fresh = optimizer is not None and _materialize_adam_state(optimizer)
     sd = _sharded_state(model, optimizer, is_loading=True)
     sd["scheduler"] = None
     sd["step"] = None
     loaded = dist_checkpointing.load(sd, str(path))
-    model.load_state_dict(loaded["model"])
+    _unwrap(model).load_state_dict(loaded["model"])
     if optimizer is not None:
+        if fresh:
+            for inner in _inner_optimizers(optimizer):
+                inner.state.clear()
         optimizer.load_state_dict(loaded["optimizer"])
+        mcore_fixes.unshare_adam_steps(_inner_optimizers(optimizer))
     extra_file = Path(path) / f"extra_rank{dist.get_rank()}.pt"
     extra = torch.load(extra_file, weights_only=True) if extra_file.is_file() else {}
     return {"scheduler": loaded.get("scheduler"), "step": loaded.get("step"), "extra": extra}

@@ -23,6 +23,7 @@ from megatron_prolong.tokenizer import build_tokenizer
 from megatron_prolong.train import checkpoint as ckpt
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
+from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from megatron_prolong.train.step import LossStats, forward_step, prepare_micro_batch
 
 
@@ -35,6 +36,10 @@ def _meta(cfg: ProLongConfig, vocab_size: int) -> dict:
         "model": asdict(cfg.model), "vocab_size": vocab_size, "seq_length": cfg.data.seq_length,
         "tokenizer": asdict(cfg.tokenizer), "format": "megatron-prolong/1",
     }
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint after a preemption signal and should exit for a requeue."""
 
 
 class Trainer:
@@ -59,7 +64,7 @@ class Trainer:
         )
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length)
+        model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed)
         model.to(self.device)
         self.model = DistributedDataParallel(
             config=self.tconfig,
@@ -166,6 +171,7 @@ class Trainer:
                       "give another run.dir to start a new run")
             return
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard) if self.topo.is_logger else None
+        preemption = PreemptionHandler()
         self._log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
                   f"attention backend {resolve_attention_backend(cfg.model)}, "
                   f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={self.topo.dp_size}")
@@ -175,8 +181,14 @@ class Trainer:
                 if writer and (self.step % cfg.log.interval == 0 or self.step == total):
                     writer.write(self.step, record)
                 interval = cfg.checkpoint.save_interval
-                if self.step == total or (interval and self.step % interval == 0):
+                stop = preemption.should_stop(self.device)
+                if stop or self.step == total or (interval and self.step % interval == 0):
                     self.save()
+                if stop and self.step < total:
+                    self._log(f"{preemption.signal_name}: checkpointed at step {self.step}; exiting with "
+                              f"{REQUEUE_EXIT_CODE} so the job is requeued")
+                    raise Preempted()
         finally:
+            preemption.restore()
             if writer:
                 writer.close()

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from megatron_prolong.config import ProLongConfig
 from megatron_prolong.parallel.cpu_compat import cpu_compat
 from megatron_prolong.parallel.distributed import init_distributed, shutdown
+from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE
 
 
 def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
     with cpu_compat():
         topo = init_distributed(cfg.parallel, cfg.train.seed)
+        preempted = False
         try:
             if topo.rank == 0:
                 Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
                 (Path(cfg.run.dir) / "config.yaml").write_text(resolved_yaml)
-            from megatron_prolong.train.loop import Trainer
+            from megatron_prolong.train.loop import Preempted, Trainer
 
             Trainer(cfg, topo).run()
+        except Preempted:
+            preempted = True
         finally:
             shutdown()
+    if preempted:
+        sys.exit(REQUEUE_EXIT_CODE)

@@ -1,0 +1,40 @@
+"""Preemption: SIGTERM or SIGUSR1 asks the run to checkpoint at the next step boundary and exit.
+
+The exit code ``REQUEUE_EXIT_CODE`` (75, EX_TEMPFAIL: "try again") tells the Slurm scripts to
+requeue the job; the requeued job resumes from the checkpoint by itself.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    def __init__(self) -> None:
+        self._requested = False
+        self._signal: int | None = None
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+
+    def _on_signal(self, signum, frame) -> None:
+        self._requested = True
+        self._signal = signum
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank once any rank was signalled (ranks may receive it at different times)."""
+        flag = torch.tensor([1.0 if self._requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self._signal).name if self._signal else "a signal on another rank"
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
