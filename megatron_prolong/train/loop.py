@@ -96,7 +96,8 @@ class Trainer:
             self._log(f"resumed from {latest} at step {self.step}")
         elif self.cfg.checkpoint.load:
             path = ckpt.resolve_checkpoint(self.cfg.checkpoint.load)
-            opt = self.optimizer if self.cfg.checkpoint.load_optimizer else None
+            has_optimizer = ckpt.read_meta(path).get("has_optimizer", True)
+            opt = self.optimizer if self.cfg.checkpoint.load_optimizer and has_optimizer else None
             ckpt.load_checkpoint(path, self.model, opt)
             self._log(f"initialised from {path} ({'model and optimizer' if opt else 'model only'}); "
                       "schedule and data start fresh")
