@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "bf16"  # bf16 | fp32 (bf16 keeps fp32 master weights)
     recompute: str = "none"  # none | selective | full
+    max_skipped_steps_in_row: int = 5  # non-finite loss or gradient norm: skip, stop after this many in a row
 
 
 @dataclass

@@ -42,6 +42,15 @@ class DomainTracker:
         self._loss_sum.index_add_(0, domain, loss_sum.detach().to("cpu", torch.float64).reshape(-1))
         self._loss_tokens.index_add_(0, domain, loss_tokens.detach().to("cpu", torch.float64).reshape(-1))
 
+    def add_totals(self, totals: torch.Tensor) -> None:
+        """Add per-domain sums already reduced over ranks: [n_domains, 4] =
+        (samples, tokens, loss_sum, loss_tokens)."""
+        totals = totals.detach().to("cpu", torch.float64)
+        self.samples += totals[:, 0].round().to(torch.int64)
+        self.tokens += totals[:, 1].round().to(torch.int64)
+        self._loss_sum += totals[:, 2]
+        self._loss_tokens += totals[:, 3]
+
     def as_dict(self, reset_loss: bool = True) -> dict[str, float]:
         out: dict[str, float] = {}
         for i, name in enumerate(self.domain_names):

@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prolong.config import ProLongConfig
 from megatron_prolong.data.loader import MixtureLoader
+from megatron_prolong.data.metrics import DomainTracker
 from megatron_prolong.data.synthetic import write_synthetic_corpus
 from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
 from megatron_prolong.parallel.distributed import Topology
@@ -78,8 +79,11 @@ class Trainer:
         )
         self.optimizer = build_optimizer(cfg.train, cfg.parallel, [self.model])
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
+        self.domains = DomainTracker(self.loader.domain_names)
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_total = 0
+        self.skipped_in_row = 0
         self._resume_or_init()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -92,6 +96,9 @@ class Trainer:
             extra = state["extra"]
             self.loader.load_state_dict(extra["loader"])
             self.tokens_seen = int(extra.get("tokens_seen", 0))
+            self.skipped_total = int(extra.get("skipped_total", 0))
+            if "domains" in extra:
+                self.domains.load_state_dict(extra["domains"])
             ckpt.restore_rng_state(extra.get("rng"))
             self._log(f"resumed from {latest} at step {self.step}")
         elif self.cfg.checkpoint.load:
@@ -105,7 +112,8 @@ class Trainer:
     def save(self) -> None:
         ckpt.save_checkpoint(
             self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
-            extra={"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen},
+            extra={"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
+                   "skipped_total": self.skipped_total, "domains": self.domains.state_dict()},
             meta=_meta(self.cfg, self.vocab_size),
         )
 
@@ -133,36 +141,67 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False,
         )
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:
-            self.scheduler.step(increment=1)
+        totals = self._reduce_stats(outputs)
+        loss_sum, loss_tokens = totals.sum(dim=0)[2:].tolist()
+        loss = loss_sum / max(loss_tokens, 1.0)
+        ok, grad_norm = self._optimizer_step(loss)
         self.step += 1
-        loss_sum, loss_tokens = self._reduce_loss(outputs)
+        self.domains.add_totals(totals)
         step_tokens = cfg.train.global_batch_size * cfg.data.seq_length
         self.tokens_seen += step_tokens
         elapsed = time.monotonic() - start
         return {
-            "loss": loss_sum / max(loss_tokens, 1.0),
+            "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
             "loss_tokens": int(loss_tokens),
             "step_time": elapsed,
             "tokens_per_s": step_tokens / elapsed,
             "tokens_per_s_per_gpu": step_tokens / elapsed / topo.world_size,
             "skipped": 0 if ok else 1,
+            "skipped_total": self.skipped_total,
         }
 
-    def _reduce_loss(self, outputs: list[dict]) -> tuple[float, float]:
-        """Sum of token losses and the token count over the global batch, known on every rank."""
-        buf = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if self.topo.is_last_stage and self.topo.tp_rank == 0:
+    def _optimizer_step(self, loss: float) -> tuple[bool, float]:
+        """Step unless the loss or the gradient norm is not finite; stop after too many in a row."""
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        if ok:
+            ok, _, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+            self.skipped_in_row = 0
+            return True, grad_norm
+        self.skipped_total += 1
+        self.skipped_in_row += 1
+        limit = self.cfg.train.max_skipped_steps_in_row
+        self._log(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} not finite, update skipped "
+                  f"({self.skipped_in_row} in a row, limit train.max_skipped_steps_in_row={limit})")
+        if self.skipped_in_row >= limit:
+            raise RuntimeError(
+                f"{self.skipped_in_row} steps in a row had a non-finite loss or gradient (last at step "
+                f"{self.step + 1}); stopping without saving so the last checkpoint stays good. Lower "
+                "train.lr, check the data of these steps, or raise train.max_skipped_steps_in_row"
+            )
+        return False, grad_norm
+
+    def _reduce_stats(self, outputs: list[dict]) -> torch.Tensor:
+        """Per-domain (samples, tokens, loss_sum, loss_tokens) over the global batch, on every rank."""
+        topo = self.topo
+        buf = torch.zeros(len(self.domains.domain_names), 4, dtype=torch.float64, device=self.device)
+        if topo.is_last_stage and topo.tp_rank == 0:
             for out in outputs:
                 stats: LossStats = out["stats"]
-                buf[0] += stats.loss_sum.double().sum()
-                buf[1] += stats.tokens.double().sum()
+                d = stats.domain.to(self.device)
+                if topo.cp_rank == 0:  # CP ranks share samples; count them once
+                    buf[:, 0].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+                    buf[:, 1].index_add_(0, d, torch.full_like(d, self.cfg.data.seq_length, dtype=torch.float64))
+                buf[:, 2].index_add_(0, d, stats.loss_sum.double())
+                buf[:, 3].index_add_(0, d, stats.tokens.double())
         dist.all_reduce(buf)
-        return buf[0].item(), buf[1].item()
+        return buf
 
     def run(self) -> None:
         cfg = self.cfg
@@ -179,8 +218,10 @@ class Trainer:
         try:
             while self.step < total:
                 record = self.train_step()
-                if writer and (self.step % cfg.log.interval == 0 or self.step == total):
-                    writer.write(self.step, record)
+                if self.step % cfg.log.interval == 0 or self.step == total:
+                    record.update(self.domains.as_dict())
+                    if writer:
+                        writer.write(self.step, record)
                 interval = cfg.checkpoint.save_interval
                 stop = preemption.should_stop(self.device)
                 if stop or self.step == total or (interval and self.step % interval == 0):
