@@ -1,0 +1,407 @@
+"""Per-GPU memory estimate of a layout, and a refusal (with the breakdown and fixes) when it cannot fit.
+
+Everything is bytes on the busiest rank (the first pipeline stage, which also holds the most
+in-flight micro-batches under 1F1B). Notation: s = tokens of one micro-batch on this rank
+(micro_batch_size x seq_length / cp), h = hidden size, f = FFN size, kv = key/value width on this
+TP rank (query groups / tp, at least one group, x d_head), t = tp, e = bytes per activation
+element (2 for bf16), h_sp = h / t with sequence parallelism and h without.
+
+Model state (Megatron-Core DDP with ``grad_reduce_in_fp32=True``, as the trainer builds it):
+  weights  e x P_rank          (bf16 copies; P_rank = this rank's share of layers, embedding and
+                                output layer: layers / pp, matrices / tp, vocabulary padded)
+  grads    4 x P_rank          (fp32 main-grad buffer; the distributed optimizer does not shard it)
+  optimizer 12 x P_rank / (dp x cp)  fp32 master weights + Adam m and v. Megatron's distributed
+                                optimizer shards them over the data-parallel group *including*
+                                context parallelism; without it every rank holds all 12 x P_rank.
+                                (fp32 training: 8 x P_rank, no separate master copy.)
+
+Activations saved for backward, per layer (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", redone for Llama: no dropout, RMSNorm, GQA, SwiGLU,
+and flash / document attention, which keeps no s x s score matrix, so their 5as/h term is gone):
+  input RMSNorm: input + output           2 x e x h_sp
+  q, k after RoPE; v                      e x (h + 2 kv) / t
+  attention output (input of proj)        e x h / t
+  softmax statistics (fp32)               4 x heads / t
+  pre-MLP RMSNorm: input + output         2 x e x h_sp
+  fc1 output (gate and up), SwiGLU output e x 3f / t
+  => per token  e x (4 h_sp + (2h + 2kv + 3f) / t)  (+ the softmax statistics)
+  For bf16, t = 1: s (12h + 4kv + 6f) bytes; Llama-3-8B at 64K: exactly 8.5 GiB.
+
+DESIGN.md measured 9.8 GiB for a whole Megatron-Core + Transformer Engine layer of that shape
+at 64K (no recompute, TP = CP = 1). The analytic count misses implementation copies (the fused
+QKV output that V is a view of, RoPE outputs, allocator rounding), so the estimate multiplies
+the analytic per-layer activations by MEASURED_LAYER_FACTOR = 9.8 / 8.5 (conservative; the
+tests pin both numbers).
+
+Recompute (``train.recompute``):
+  none       every layer keeps the above.
+  selective  Megatron-Core's default selective recompute (``recompute_modules=["core_attn"]``):
+             with flash attention it only drops the softmax statistics, i.e. it saves almost
+             nothing at long context. ``recompute_modules=("mlp",)`` (not yet a config key) drops
+             the fc1 / SwiGLU outputs (3f/t per token, the largest term).
+  full       (uniform, one layer per checkpoint) each layer keeps only its input, e x h_sp per
+             token; during the backward pass one layer is recomputed and holds its full
+             activations again (``recompute_layer``).
+Pipeline parallelism (1F1B): stage 0 holds min(pp, micro-batches per step) micro-batches.
+
+Context parallelism: the K/V of the whole sequence are all-gathered on every CP rank. Transformer
+Engine re-gathers them in the backward pass (a transient, counted in ``workspace``); the plugin's
+attention (``model.attention_backend=plugin``) keeps the gathered K/V for backward, an extra
+e x 2 kv x (cp - 1) x s per layer.
+
+Logits: the output layer and loss run on blocks of ``logits_block`` tokens (2,048, as ProLong),
+each recomputed in the backward pass, so one block of logits exists at a time: bf16 logits,
+fp32 copy, fp32 softmax and fp32 gradient, 14 bytes per (token, vocabulary column on this TP
+rank); plus the final norm's input and output (2 x e x h_sp per token).
+
+Workspace: gradients alive while one layer is back-propagated (fc1 / SwiGLU output gradients
+e x 3f/t, two hidden-size gradients e x 2h, the sequence-parallel all-gather buffer e x h) and the
+CP K/V gather.
+
+Overhead: a fixed allowance (default 4 GiB) for the CUDA context, NCCL buffers and allocator
+fragmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from megatron_prolong.config import ConfigError
+from megatron_prolong.train.flops import GPU_SPECS, gpu_spec
+
+GiB = 1024**3
+MEASURED_LAYER_GIB = 9.8  # DESIGN.md: Megatron-Core + TE layer, Llama-3-8B shape, 64K tokens
+ANALYTIC_LAYER_GIB = 8.5  # the analytic count above for the same layer (bf16, t = 1)
+MEASURED_LAYER_FACTOR = MEASURED_LAYER_GIB / ANALYTIC_LAYER_GIB
+DEFAULT_OVERHEAD_GIB = 4.0
+DEFAULT_LOGITS_BLOCK = 2048
+LOGITS_BYTES_PER_ELEMENT = 14  # bf16 logits + fp32 copy + fp32 softmax + fp32 gradient
+
+RECOMPUTE_MODULES = ("core_attn", "mlp")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the busiest rank; ``total`` is their sum."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int  # saved for backward by all local layers and in-flight micro-batches
+    recompute_layer: int  # full recompute: one layer's activations during its backward
+    logits: int  # one block of logits and loss, final norm
+    workspace: int  # backward gradient buffers, CP K/V gather, SP all-gather
+    overhead: int  # CUDA context, NCCL, fragmentation
+    gpu_memory: int
+    layout: str = ""
+    info: dict = field(default_factory=dict)
+
+    PARTS = ("weights", "grads", "optimizer", "activations", "recompute_layer", "logits", "workspace", "overhead")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, p) for p in self.PARTS)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    def gib(self, part: str) -> float:
+        return getattr(self, part) / GiB
+
+    def breakdown(self) -> str:
+        parts = ", ".join(f"{p} {self.gib(p):.1f}" for p in self.PARTS if getattr(self, p))
+        return (f"{self.total / GiB:.1f} GiB per GPU ({parts}; per-layer activations "
+                f"{self.info.get('layer_activation_gib', 0):.2f} GiB at {self.info.get('tokens_per_rank')} "
+                f"tokens per rank) vs {self.gpu_memory / GiB:.1f} GiB available")
+
+    def __str__(self) -> str:
+        return f"{self.layout}: {self.breakdown()}"
+
+
+def _get(cfg, key, default=None):
+    return getattr(cfg, key, default) if cfg is not None else default
+
+
+def _padded_vocab(vocab_size: int, multiple: int, tp: int) -> int:
+    m = math.lcm(multiple, tp)
+    return -(-vocab_size // m) * m
+
+
+def rank_params(model_cfg, vocab_size: int, tp: int, pp: int) -> int:
+    """Parameters on the busiest (tp, pp) rank: its layers, and the embedding and/or output
+    layer (first / last stage; both when pp = 1), vocabulary-parallel over TP."""
+    h, f = model_cfg.hidden_size, model_cfg.ffn_hidden_size
+    d_head = h // model_cfg.num_attention_heads
+    kv = max(model_cfg.num_query_groups // tp, 1) * d_head * tp  # KV heads replicated if tp > groups
+    layer = (h * (h + 2 * kv) + h * h + 3 * h * f) // tp + 2 * h
+    layers = math.ceil(model_cfg.num_layers / pp) * layer
+    vocab = _padded_vocab(vocab_size, _get(model_cfg, "make_vocab_size_divisible_by", 128), tp)
+    matrix = vocab * h // tp
+    untied = _get(model_cfg, "untie_embeddings", True)
+    if pp == 1:
+        ends = matrix * (2 if untied else 1) + h
+    else:  # first stage: embedding; last stage: final norm + output layer (a copy when tied)
+        ends = matrix + h
+    return layers + ends
+
+
+def layer_activation_bytes(
+    model_cfg,
+    tokens: int,
+    tp: int,
+    sequence_parallel: bool,
+    modules: tuple[str, ...] = (),
+    element_bytes: int = 2,
+    calibrated: bool = True,
+) -> int:
+    """Activations one layer keeps for backward over ``tokens`` tokens (no full recompute)."""
+    h, f, heads = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_attention_heads
+    d_head = h // heads
+    kv_local = max(model_cfg.num_query_groups // tp, 1) * d_head
+    h_sp = h / tp if sequence_parallel else h
+    e = element_bytes
+    per_token = e * (4 * h_sp + (2 * h) / tp + 2 * kv_local)
+    if "core_attn" not in modules:
+        per_token += 4 * heads / tp  # fp32 softmax statistics (log-sum-exp) of flash attention
+    if "mlp" not in modules:
+        per_token += e * 3 * f / tp
+    factor = MEASURED_LAYER_FACTOR if calibrated else 1.0
+    return int(per_token * tokens * factor)
+
+
+def estimate_memory(
+    model_cfg,
+    train_cfg,
+    parallel_cfg,
+    seq_length: int,
+    world_size: int,
+    gpu_memory_gib: float | None = None,
+    *,
+    vocab_size: int | None = None,
+    gpu: str | None = None,
+    grad_reduce_in_fp32: bool = True,
+    recompute_modules: tuple[str, ...] | None = None,
+    attention_backend: str | None = None,
+    logits_block: int | None = DEFAULT_LOGITS_BLOCK,
+    overhead_gib: float = DEFAULT_OVERHEAD_GIB,
+) -> MemoryEstimate:
+    """Estimate the per-GPU memory of training ``model_cfg`` with ``train_cfg`` and the layout
+    ``parallel_cfg`` on ``world_size`` GPUs at ``seq_length`` tokens per sequence.
+
+    ``gpu_memory_gib`` defaults to the memory of ``gpu`` (a key of ``GPU_SPECS``; default: the
+    config's ``train.gpu`` when present, else h100_80gb). ``vocab_size`` defaults to
+    ``model_cfg.vocab_size``. ``recompute_modules`` overrides Megatron's selective-recompute
+    modules (default ("core_attn",) for train.recompute=selective). ``attention_backend``
+    (plugin | te) decides whether the CP-gathered K/V are kept for backward (plugin) or
+    re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te.
+    ``logits_block=None`` models an unblocked output layer (all logits of the micro-batch).
+    """
+    tp, pp, cp = parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.cp
+    sp = bool(_get(parallel_cfg, "sequence_parallel", False)) and tp > 1
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"tp x pp x cp = {tp * pp * cp} does not divide world size {world_size}")
+    dp = world_size // (tp * pp * cp)
+    if gpu_memory_gib is None:
+        gpu_memory_gib = gpu_spec(gpu or _get(train_cfg, "gpu", None) or "h100_80gb").memory_gib
+    vocab_size = vocab_size or _get(model_cfg, "vocab_size")
+    if not vocab_size:
+        raise ValueError("vocab_size is needed (model.vocab_size is null: pass the tokenizer's)")
+
+    bf16 = _get(train_cfg, "precision", "bf16") == "bf16"
+    e = 2 if bf16 else 4
+    params = rank_params(model_cfg, vocab_size, tp, pp)
+    distopt = bool(_get(parallel_cfg, "distributed_optimizer", False))
+    weights = e * params
+    grads = (4 if (grad_reduce_in_fp32 or not bf16) else 2) * params
+    opt_bytes = 12 if bf16 else 8
+    optimizer = opt_bytes * params // (dp * cp if distopt else 1)
+
+    mbs = train_cfg.micro_batch_size
+    tokens = mbs * seq_length // cp  # per rank per micro-batch
+    micro_batches = max(train_cfg.global_batch_size // (mbs * dp), 1)
+    in_flight = min(pp, micro_batches)
+    layers = math.ceil(model_cfg.num_layers / pp)
+
+    recompute = _get(train_cfg, "recompute", "none")
+    if recompute_modules is None:
+        recompute_modules = ("core_attn",) if recompute == "selective" else ()
+    unknown = set(recompute_modules) - set(RECOMPUTE_MODULES)
+    if unknown:
+        raise ValueError(f"recompute_modules {sorted(unknown)} not modelled (known: {RECOMPUTE_MODULES})")
+    modules = tuple(recompute_modules) if recompute == "selective" else ()
+
+    h, f = model_cfg.hidden_size, model_cfg.ffn_hidden_size
+    d_head = h // model_cfg.num_attention_heads
+    kv_local = max(model_cfg.num_query_groups // tp, 1) * d_head
+    h_sp = h / tp if sp else h
+    backend = attention_backend or _get(model_cfg, "attention_backend", "auto")
+    plugin_cp = backend == "plugin" and cp > 1
+    kv_gathered_extra = int(e * 2 * kv_local * (cp - 1) * tokens) if plugin_cp else 0  # kept K/V of other ranks
+    full_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, (), e) + kv_gathered_extra
+
+    if recompute == "full":
+        per_layer = int(e * h_sp * tokens)  # the checkpointed layer input
+        recompute_layer = full_layer
+    else:
+        per_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, modules, e) + kv_gathered_extra
+        recompute_layer = 0
+    activations = per_layer * layers * in_flight
+
+    vocab_local = _padded_vocab(vocab_size, _get(model_cfg, "make_vocab_size_divisible_by", 128), tp) // tp
+    block = tokens if not logits_block else min(logits_block, tokens)
+    logits = int(LOGITS_BYTES_PER_ELEMENT * block * vocab_local + 2 * e * h_sp * tokens)
+
+    kv_gather = 0 if cp == 1 else int(e * 2 * kv_local * cp * tokens * (2 if not plugin_cp else 1))
+    workspace = int(e * tokens * (3 * f / tp + 2 * h + (h if sp else 0))) + kv_gather
+    layout = (f"tp={tp} pp={pp} cp={cp} dp={dp}{' sp' if sp else ''} recompute={recompute}"
+              f"{'(' + ','.join(modules) + ')' if modules else ''} distopt={'on' if distopt else 'off'}")
+    return MemoryEstimate(
+        weights=weights, grads=grads, optimizer=optimizer, activations=activations,
+        recompute_layer=recompute_layer, logits=logits, workspace=workspace,
+        overhead=int(overhead_gib * GiB), gpu_memory=int(gpu_memory_gib * GiB), layout=layout,
+        info={"params_per_rank": params, "dp": dp, "tokens_per_rank": tokens, "micro_batches": micro_batches,
+              "in_flight": in_flight, "layer_activation_gib": full_layer / GiB,
+              "saved_per_layer_gib": per_layer / GiB, "seq_length": seq_length, "world_size": world_size},
+    )
+
+
+def _alternatives(model_cfg, train_cfg, parallel_cfg, world_size: int):
+    """Single changes that a user can make with one or two overrides."""
+    p, t = parallel_cfg, train_cfg
+    mp = p.tp * p.pp * p.cp
+    if _get(t, "recompute", "none") != "full":
+        yield "train.recompute=full", _with(t, recompute="full"), p
+    if not _get(p, "distributed_optimizer", False):
+        yield "parallel.distributed_optimizer=true", t, _with(p, distributed_optimizer=True)
+    for factor in (2, 4, 8):
+        if world_size % (mp * factor) == 0:
+            yield f"parallel.cp={p.cp * factor}", t, _with(p, cp=p.cp * factor)
+    for factor in (2, 4, 8):
+        tp = p.tp * factor
+        if (world_size % (mp * factor) == 0 and model_cfg.num_attention_heads % tp == 0
+                and model_cfg.ffn_hidden_size % tp == 0 and tp <= 8):
+            yield f"parallel.tp={tp} parallel.sequence_parallel=true", t, _with(p, tp=tp, sequence_parallel=True)
+
+
+def _with(cfg, **changes):
+    if hasattr(cfg, "__dataclass_fields__"):
+        return replace(cfg, **changes)
+    from types import SimpleNamespace
+
+    d = {k: getattr(cfg, k) for k in dir(cfg) if not k.startswith("_")}
+    d.update(changes)
+    return SimpleNamespace(**d)
+
+
+def check_fits(
+    model_cfg, train_cfg, parallel_cfg, seq_length: int, world_size: int, gpu_memory_gib: float | None = None,
+    **kwargs,
+) -> MemoryEstimate:
+    """Return the estimate, or raise ``ConfigError`` (a ValueError) naming the breakdown and the
+    single overrides that would fit when the estimate exceeds the GPU's memory."""
+    est = estimate_memory(model_cfg, train_cfg, parallel_cfg, seq_length, world_size, gpu_memory_gib, **kwargs)
+    if est.fits:
+        return est
+    fixes = []
+    for label, t, p in _alternatives(model_cfg, train_cfg, parallel_cfg, world_size):
+        alt = estimate_memory(model_cfg, t, p, seq_length, world_size, gpu_memory_gib, **kwargs)
+        if alt.fits:
+            fixes.append(f"{label} ({alt.total / GiB:.1f} GiB)")
+    hint = ("; fits with: " + "; ".join(fixes)) if fixes else (
+        "; no single change fits: combine train.recompute=full with a larger parallel.cp or parallel.tp "
+        "(with parallel.sequence_parallel=true), or use more GPUs")
+    raise ConfigError(
+        f"the layout does not fit in GPU memory at data.seq_length={seq_length}: estimated "
+        f"{est}{hint}. See docs/recipe.md (memory table) and megatron_prolong/train/memory.py for the model."
+    )
+
+
+# -- the table in docs/recipe.md ---------------------------------------------------------------
+
+DOC_LAYOUTS = {
+    65536: [
+        dict(tp=1, cp=1, sp=False, recompute="none"),
+        dict(tp=1, cp=1, sp=False, recompute="full"),
+        dict(tp=1, cp=2, sp=False, recompute="full"),
+        dict(tp=2, cp=1, sp=True, recompute="full"),
+        dict(tp=1, cp=8, sp=False, recompute="full"),
+        dict(tp=2, cp=4, sp=True, recompute="none"),
+        dict(tp=4, cp=2, sp=True, recompute="none"),
+        dict(tp=8, cp=1, sp=True, recompute="none"),
+    ],
+    524288: [
+        dict(tp=1, cp=8, sp=False, recompute="full"),
+        dict(tp=2, cp=8, sp=True, recompute="full"),
+        dict(tp=4, cp=4, sp=True, recompute="full"),
+        dict(tp=8, cp=2, sp=True, recompute="full"),
+        dict(tp=4, cp=8, sp=True, recompute="none"),
+        dict(tp=8, cp=4, sp=True, recompute="none"),
+        dict(tp=8, cp=8, sp=True, recompute="none"),
+    ],
+}
+
+
+def memory_table(gpu: str = "h100_80gb", world_size: int = 64, attention_backend: str = "te") -> str:
+    """Markdown table of the DOC_LAYOUTS for Llama-3-8B with the presets' batch sizes."""
+    from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
+
+    model = ModelConfig(name="llama3_8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                        num_attention_heads=32, num_query_groups=8, vocab_size=128256)
+    spec = gpu_spec(gpu)
+    rows = [
+        f"Llama-3-8B, {world_size} x {spec.name} ({spec.memory_gib:.1f} GiB), bf16, distributed optimizer, "
+        f"micro batch 1, attention backend {attention_backend}; GiB per GPU.",
+        "",
+        "| seq | tp | cp | dp | sp | recompute | weights | grads | optim | activations | recompute layer | logits | workspace | overhead | total | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for seq, layouts in DOC_LAYOUTS.items():
+        gbs = 64 if seq == 65536 else 16
+        for lay in layouts:
+            train = TrainConfig(global_batch_size=gbs, micro_batch_size=1, precision="bf16", recompute=lay["recompute"])
+            par = ParallelConfig(tp=lay["tp"], cp=lay["cp"], sequence_parallel=lay["sp"], distributed_optimizer=True)
+            est = estimate_memory(model, train, par, seq, world_size, spec.memory_gib, attention_backend=attention_backend)
+            g = est.gib
+            rows.append(
+                f"| {seq // 1024}K | {lay['tp']} | {lay['cp']} | {est.info['dp']} | {'on' if lay['sp'] else 'off'} "
+                f"| {lay['recompute']} | {g('weights'):.1f} | {g('grads'):.1f} | {g('optimizer'):.1f} "
+                f"| {g('activations'):.1f} | {g('recompute_layer'):.1f} | {g('logits'):.1f} | {g('workspace'):.1f} "
+                f"| {g('overhead'):.1f} | **{est.total / GiB:.1f}** | {'yes' if est.fits else 'no'} |"
+            )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m megatron_prolong.train.memory [--gpu G] [--world N] [--backend te|plugin]``
+    prints the docs table; with Hydra overrides (``experiment=prolong_64k ...``) it prints the
+    estimate of that configuration instead."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--gpu", default=None, choices=sorted(GPU_SPECS))
+    ap.add_argument("--world", type=int, default=64, help="number of GPUs")
+    ap.add_argument("--backend", default="te", choices=("te", "plugin"))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    if not args.overrides:
+        print(memory_table(args.gpu or "h100_80gb", args.world, args.backend))
+        return
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from megatron_prolong.config import register_configs
+
+    register_configs()
+    with initialize_config_module("megatron_prolong.conf", version_base="1.3"):
+        raw = compose("config", overrides=args.overrides)
+    cfg = OmegaConf.to_object(raw)
+    est = estimate_memory(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, args.world,
+                          gpu=args.gpu, attention_backend=args.backend)
+    print(est)
+    print("fits" if est.fits else "DOES NOT FIT")
+
+
+if __name__ == "__main__":
+    main()
