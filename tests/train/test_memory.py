@@ -1,0 +1,154 @@
+"""The per-GPU memory estimate: its terms by hand, the measured 64K layer, and the refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megatron_prolong.train.flops import param_count
+from megatron_prolong.train.memory import (
+    ANALYTIC_LAYER_GIB,
+    MEASURED_LAYER_GIB,
+    GiB,
+    check_fits,
+    estimate_memory,
+    layer_activation_bytes,
+    memory_table,
+    rank_params,
+)
+
+LLAMA = ModelConfig(name="llama3_8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                    num_attention_heads=32, num_query_groups=8, vocab_size=128256)
+H, F, KV, L = 4096, 14336, 1024, 32
+S64, S512 = 65536, 524288
+
+
+def train(**kw) -> TrainConfig:
+    base = dict(global_batch_size=64, micro_batch_size=1, precision="bf16", recompute="none")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def par(tp=1, cp=1, pp=1, sp=False, distopt=True) -> ParallelConfig:
+    return ParallelConfig(tp=tp, cp=cp, pp=pp, sequence_parallel=sp, distributed_optimizer=distopt)
+
+
+def test_layer_activations_at_64k_match_the_formula_and_the_measurement():
+    # Analytic (bf16, t = 1): s (12h + 4kv + 6f) bytes + fp32 softmax statistics (4 x heads per token).
+    analytic = layer_activation_bytes(LLAMA, S64, tp=1, sequence_parallel=False, calibrated=False)
+    assert analytic == S64 * (12 * H + 4 * KV + 6 * F) + S64 * 4 * 32
+    assert analytic / GiB == pytest.approx(ANALYTIC_LAYER_GIB, rel=1e-3)  # 8.5 GiB (+ 8 MiB statistics)
+    # DESIGN.md: a Megatron-Core + TE layer of Llama-3-8B at 64K keeps 9.8 GiB (no recompute).
+    calibrated = layer_activation_bytes(LLAMA, S64, tp=1, sequence_parallel=False)
+    assert calibrated / GiB == pytest.approx(MEASURED_LAYER_GIB, rel=2e-3)
+    est = estimate_memory(LLAMA, train(), par(), S64, world_size=8, gpu_memory_gib=80)
+    assert est.info["layer_activation_gib"] == pytest.approx(9.8, rel=2e-3)
+    assert est.activations == L * calibrated
+
+
+def test_tensor_and_sequence_parallel_sharding():
+    full = layer_activation_bytes(LLAMA, S64, 1, False, calibrated=False)
+    sp = layer_activation_bytes(LLAMA, S64, 2, True, calibrated=False)
+    assert sp == full // 2  # with sequence parallelism everything is split over TP
+    no_sp = layer_activation_bytes(LLAMA, S64, 2, False, calibrated=False)
+    # Without SP the two norms' inputs and outputs (4 x 2 bytes x h per token) stay whole.
+    assert no_sp == sp + S64 * 2 * 4 * (H - H // 2)
+    # Beyond 8 KV groups, K/V heads are replicated: tp 16 would keep one group (128 wide), not 64.
+    assert layer_activation_bytes(LLAMA, 1, 16, True, calibrated=False) == int(
+        2 * (4 * H / 16 + 2 * H / 16 + 2 * 128 + 3 * F / 16) + 4 * 32 / 16)
+
+
+def test_context_parallel_halves_tokens_per_rank():
+    one = estimate_memory(LLAMA, train(), par(cp=1), S64, 8, 80)
+    two = estimate_memory(LLAMA, train(), par(cp=2), S64, 8, 80)
+    assert two.info["tokens_per_rank"] == S64 // 2
+    assert two.activations == pytest.approx(one.activations / 2, rel=1e-6)
+
+
+def test_model_state_terms():
+    p = param_count(LLAMA, 128256)
+    assert rank_params(LLAMA, 128256, tp=1, pp=1) == p  # 128256 is already a multiple of 128
+    est = estimate_memory(LLAMA, train(), par(), S64, world_size=64, gpu_memory_gib=80)
+    assert est.weights == 2 * p  # bf16
+    assert est.grads == 4 * p  # fp32 main grads (grad_reduce_in_fp32)
+    assert est.optimizer == 12 * p // 64  # fp32 master + m + v over dp 64
+    assert estimate_memory(LLAMA, train(), par(), S64, 64, 80, grad_reduce_in_fp32=False).grads == 2 * p
+    no_distopt = estimate_memory(LLAMA, train(), par(distopt=False), S64, 64, 80)
+    assert no_distopt.optimizer == 12 * p
+    # The distributed optimizer shards over dp x cp: at a fixed world size, cp does not change it.
+    cp8 = estimate_memory(LLAMA, train(), par(cp=8), S64, 64, 80)
+    assert cp8.info["dp"] == 8 and cp8.optimizer == 12 * p // 64
+    # TP splits the matrices (vocabulary-parallel embedding and output layer too); norms replicate.
+    tp4 = rank_params(LLAMA, 128256, tp=4, pp=1)
+    assert tp4 == (p - 65 * H) // 4 + 65 * H
+    fp32 = estimate_memory(LLAMA, train(precision="fp32"), par(), S64, 64, 80)
+    assert fp32.weights == 4 * p and fp32.optimizer == 8 * p // 64
+
+
+def test_pipeline_stage_and_in_flight_micro_batches():
+    # pp 4: 8 layers per stage plus the embedding (first) or final norm + output layer (last).
+    p = rank_params(LLAMA, 128256, tp=1, pp=4)
+    layer = 2 * H * H + 2 * H * KV + 3 * H * F + 2 * H
+    assert p == 8 * layer + 128256 * H + H
+    est = estimate_memory(LLAMA, train(recompute="full"), par(pp=4), S64, world_size=8, gpu_memory_gib=80)
+    assert est.info["in_flight"] == 4  # 1F1B: stage 0 holds pp micro-batches
+    assert est.activations == 8 * 4 * 2 * H * S64
+    few = estimate_memory(LLAMA, train(recompute="full", global_batch_size=4), par(pp=4), S64, 8, 80)
+    assert few.info["micro_batches"] == 2 and few.info["in_flight"] == 2
+
+
+def test_recompute_modes():
+    none = estimate_memory(LLAMA, train(), par(), S64, 64, 80)
+    full = estimate_memory(LLAMA, train(recompute="full"), par(), S64, 64, 80)
+    assert full.activations == L * 2 * H * S64  # only each layer's input
+    assert full.recompute_layer == none.activations // L  # one layer rebuilt during backward
+    selective = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80)
+    # Megatron's default selective recompute (core_attn) saves only flash attention's statistics.
+    assert 0 < none.activations - selective.activations < 0.01 * none.activations
+    mlp = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("mlp",))
+    assert none.activations - mlp.activations == pytest.approx(L * S64 * 2 * 3 * F * 9.8 / 8.5, rel=1e-6)
+    with pytest.raises(ValueError, match="not modelled"):
+        estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("moe",))
+
+
+def test_logits_blocks_and_plugin_cp():
+    blocked = estimate_memory(LLAMA, train(), par(), S64, 64, 80)
+    whole = estimate_memory(LLAMA, train(), par(), S64, 64, 80, logits_block=None)
+    assert blocked.logits - 4 * H * S64 == 14 * 2048 * 128256
+    assert whole.logits - 4 * H * S64 == 14 * S64 * 128256  # 107 GiB: why the loss is blocked
+    te = estimate_memory(LLAMA, train(), par(tp=8, cp=8, sp=True), S512, 64, 80, attention_backend="te")
+    plugin = estimate_memory(LLAMA, train(), par(tp=8, cp=8, sp=True), S512, 64, 80, attention_backend="plugin")
+    # The plugin keeps the gathered K/V of the 7 other CP ranks per layer: 2 bytes x 2 x 128 x 7 x 64K.
+    assert plugin.activations - te.activations == L * 2 * 2 * 128 * 7 * S64
+
+
+def test_presets_layouts_fit_on_h100():
+    t64 = train()
+    fit64 = check_fits(LLAMA, t64, par(tp=4, cp=2, sp=True), S64, world_size=64, gpu_memory_gib=79.6)
+    assert fit64.total / GiB == pytest.approx(58.4, abs=0.1)
+    t512 = train(global_batch_size=16)
+    for backend in ("te", "plugin"):
+        est = check_fits(LLAMA, t512, par(tp=8, cp=8, sp=True), S512, 64, gpu="h100_80gb",
+                         attention_backend=backend)
+        assert est.total < 65 * GiB
+
+
+def test_refusal_names_the_breakdown_and_a_fix():
+    with pytest.raises(ConfigError) as err:
+        check_fits(LLAMA, train(), par(tp=2, sp=True), S64, world_size=64, gpu_memory_gib=79.6)
+    msg = str(err.value)
+    assert "data.seq_length=65536" in msg and "activations 156.9" in msg and "79.6 GiB available" in msg
+    assert "fits with: train.recompute=full (47.1 GiB)" in msg
+    assert isinstance(err.value, ValueError)
+    # 512K on one node without TP: no single change fits; the message says what to combine.
+    with pytest.raises(ValueError, match="no single change fits"):
+        check_fits(LLAMA, train(global_batch_size=16), par(), S512, world_size=8, gpu_memory_gib=79.6)
+
+
+def test_gpu_from_config_key_and_table():
+    class T:  # a config with the proposed train.gpu key
+        global_batch_size, micro_batch_size, precision, recompute, gpu = 64, 1, "bf16", "full", "h200"
+
+    est = estimate_memory(LLAMA, T(), par(), S64, 64)
+    assert est.gpu_memory / GiB == pytest.approx(140.4, abs=0.1)
+    assert "| 64K | 4 | 2 | 8 | on | none |" in memory_table()
