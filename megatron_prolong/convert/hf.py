@@ -1,0 +1,389 @@
+"""Hugging Face Llama (safetensors) <-> the trainer's Megatron distributed checkpoints.
+
+hf-to-mcore reads the safetensors lazily (one tensor at a time through ``safe_open``) into the
+TP=1 GPTModel, then saves it; mcore-to-hf reads the checkpoint one tensor kind at a time and
+writes safetensors shards as they fill. Neither direction holds two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from megatron_prolong.config import ModelConfig
+from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, progress, warn
+from megatron_prolong.convert.mapping import ConversionError, Shapes, entries, expand, expected_shape, fmt
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# What Megatron's RotaryEmbedding hard-codes for Llama-3.1 scaling.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+# ---------------------------------------------------------------------------- config
+def read_hf_config(path: Path) -> dict:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise ConversionError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{cfg_file} is not valid JSON: {err}") from err
+
+
+def rope_of(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, scaling dict or None) from a transformers 4.x or 5.x config."""
+    params = cfg.get("rope_parameters")
+    theta = cfg.get("rope_theta")
+    scaling = cfg.get("rope_scaling")
+    if isinstance(params, dict):  # transformers 5.x layout
+        theta = params.get("rope_theta", theta)
+        if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if theta is None:
+        warn("config.json gives no rope_theta (or rope_parameters.rope_theta); using transformers' default 10000")
+        theta = 10000.0
+    if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def model_config_from_hf(cfg: dict, rope_base: float | None = None) -> tuple[ModelConfig, int, int]:
+    """(ModelConfig, vocab_size, max_position_embeddings); refuses what the trainer's model cannot express."""
+    archs = cfg.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and not (not archs and cfg.get("model_type") == "llama"):
+        raise ConversionError(
+            f"unsupported architecture {archs or cfg.get('model_type')!r}: only {', '.join(SUPPORTED_ARCHITECTURES)} "
+            "(Llama 3 / 3.1 / 3.2 shapes) can be converted"
+        )
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if key in cfg and cfg[key] != ok:
+            raise ConversionError(f"unsupported Llama variant: {key}={cfg[key]!r} (the trainer's model needs {ok!r})")
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    groups = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads != hidden:
+        raise ConversionError(
+            f"head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hidden}; the trainer's model "
+            "derives the head size from hidden_size / heads"
+        )
+    theta, scaling = rope_of(cfg)
+    kind, factor, interp = "none", 8.0, None
+    if scaling is not None:
+        rtype = scaling.get("rope_type", scaling.get("type"))
+        if rtype == "llama3":
+            for k, v in LLAMA3_FIXED.items():
+                if k in scaling and float(scaling[k]) != v:
+                    raise ConversionError(
+                        f"rope_scaling.{k}={scaling[k]} is not supported: Megatron's Llama-3.1 RoPE scaling "
+                        f"fixes it at {v}"
+                    )
+            kind, factor = "llama3", float(scaling["factor"])
+        elif rtype == "linear":
+            interp = float(scaling["factor"])
+        else:
+            raise ConversionError(f"RoPE scaling type {rtype!r} is not supported (llama3 and linear are)")
+    model = ModelConfig(
+        name=str(cfg.get("_name_or_path") or "converted") or "converted",
+        num_layers=int(cfg["num_hidden_layers"]), hidden_size=hidden,
+        ffn_hidden_size=int(cfg["intermediate_size"]), num_attention_heads=heads, num_query_groups=groups,
+        vocab_size=int(cfg["vocab_size"]), norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
+        untie_embeddings=not bool(cfg.get("tie_word_embeddings", False)),
+        rope_base=float(rope_base) if rope_base is not None else theta,
+        rope_scaling=kind, rope_scaling_factor=factor, rope_interpolation_factor=interp,
+        attention_backend="auto", attention_kernel="auto",
+    )
+    if heads % groups:
+        raise ConversionError(f"num_attention_heads={heads} is not divisible by num_key_value_heads={groups}")
+    return model, int(cfg["vocab_size"]), int(cfg.get("max_position_embeddings", 8192))
+
+
+def check_rope_matches(model: ModelConfig, vocab_size: int, max_pos: int) -> None:
+    """Megatron's inverse frequencies must equal those transformers computes for the same settings."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if model.rope_interpolation_factor is not None:
+        return  # linear interpolation scales positions, not frequencies (checked through logits in tests)
+    hf = LlamaConfig(**hf_config_for(model, vocab_size, max(max_pos, 16384), torch.float32))
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    hf_inv, _ = ROPE_INIT_FUNCTIONS[params.get("rope_type", "default")](hf, "cpu") if params.get(
+        "rope_type", "default") != "default" else _default_inv_freq(hf)
+    mc_inv = RotaryEmbedding(
+        kv_channels=model.hidden_size // model.num_attention_heads, rotary_percent=1.0, rotary_base=model.rope_base,
+        rope_scaling=model.rope_scaling == "llama3", rope_scaling_factor=model.rope_scaling_factor,
+        use_cpu_initialization=True,
+    ).inv_freq
+    if not torch.allclose(hf_inv.float(), mc_inv.float(), rtol=1e-5, atol=0):
+        raise ConversionError(
+            "the RoPE frequencies Megatron would use differ from those transformers computes "
+            f"(rope_base {model.rope_base:g}, scaling {model.rope_scaling}); this RoPE variant is not supported"
+        )
+
+
+def _default_inv_freq(hf) -> tuple[torch.Tensor, float]:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if "default" in ROPE_INIT_FUNCTIONS:
+        return ROPE_INIT_FUNCTIONS["default"](hf, "cpu")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding.compute_default_rope_parameters(hf, "cpu")
+
+
+def hf_config_for(model: ModelConfig, vocab_size: int, seq_length: int, dtype: torch.dtype,
+                  base: dict | None = None) -> dict:
+    """config.json for the checkpoint, in the layout the installed transformers reads back."""
+    from transformers import LlamaConfig
+
+    kept = {}
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "pretraining_tp", "use_cache"):
+        if base and k in base:
+            kept[k] = base[k]
+    fields = dict(
+        kept, architectures=["LlamaForCausalLM"], model_type="llama",
+        vocab_size=vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_query_groups, head_dim=model.hidden_size // model.num_attention_heads,
+        hidden_act="silu", attention_bias=False, mlp_bias=False, rms_norm_eps=model.norm_epsilon,
+        max_position_embeddings=seq_length, tie_word_embeddings=not model.untie_embeddings,
+    )
+    if model.rope_scaling == "llama3" and model.rope_interpolation_factor is not None:
+        raise ConversionError("llama3 RoPE scaling together with linear interpolation has no Hugging Face equivalent")
+    scaling = None
+    if model.rope_scaling == "llama3":
+        scaling = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED}
+    elif model.rope_interpolation_factor is not None:
+        scaling = {"rope_type": "linear", "factor": model.rope_interpolation_factor}
+    if transformers_major() >= 5:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": model.rope_base, **(scaling or {})}
+    else:
+        fields["rope_theta"] = model.rope_base
+        fields["rope_scaling"] = scaling
+    fields["torch_dtype" if transformers_major() < 5 else "dtype"] = str(dtype).removeprefix("torch.")
+    cfg = LlamaConfig(**fields).to_diff_dict()  # what save_pretrained writes
+    cfg.pop("_name_or_path", None)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- safetensors
+class SafetensorsReader:
+    """Tensors of a Hugging Face folder by name, opened lazily (nothing is read until asked for)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            bins = list(self.path.glob("pytorch_model*.bin"))
+            raise ConversionError(
+                f"{self.path} has no safetensors weights"
+                + (" (only pytorch_model*.bin: re-save it with safe_serialization=True)" if bins else "")
+            )
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for f in files:
+            if not (self.path / f).is_file():
+                raise ConversionError(f"{self.path}: the index names {f}, which is missing")
+            h = safe_open(str(self.path / f), framework="pt")
+            self._handles[f] = h
+            for k in h.keys():
+                self._where[k] = f
+        if weight_map:
+            missing = [k for k in weight_map if k not in self._where]
+            if missing:
+                raise ConversionError(f"{self.path}: tensors listed in the index are missing, e.g. {missing[:3]}")
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise ConversionError(f"{self.path} has no tensor {name!r} (an unexpected Llama layout?)")
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+def hf_tensors(reader: SafetensorsReader, model: ModelConfig, vocab_size: int,
+               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The canonical Megatron stream made from HF tensors, layer by layer."""
+    shapes = Shapes.of(model, vocab_size)
+    used: set[str] = set()
+    for e, i in expand(model):
+        names = [fmt(n, i) for n in e.hf]
+        want_hf = [tuple(x.shape) for x in e.transform.to_hf(torch.empty(expected_shape(e, shapes), device="meta"), shapes)]
+        ts = []
+        for n, want in zip(names, want_hf):
+            t = reader.get(n)
+            if tuple(t.shape) != want:
+                what = "vocabulary" if e.vocab and t.shape[1:] == want[1:] else "shape"
+                raise ConversionError(
+                    f"{what} mismatch: {n} has shape {tuple(t.shape)}, but config.json implies {want}"
+                )
+            ts.append(t.to(dtype))
+            used.add(n)
+        yield fmt(e.param, i), e.transform.to_mcore(ts, shapes)
+    extra = sorted(n for n in reader.names() - used
+                   if not n.endswith(_IGNORED_HF_SUFFIXES) and not (n == "lm_head.weight" and not model.untie_embeddings))
+    if extra:
+        raise ConversionError(
+            f"the checkpoint has {len(extra)} tensors a Llama model does not use, e.g. {extra[:3]}; "
+            "unsupported architecture variant"
+        )
+
+
+class SafetensorsWriter:
+    """Writes tensors into shards of at most ``max_shard_bytes`` as they come, then the index."""
+
+    def __init__(self, out: Path, max_shard_bytes: int) -> None:
+        self.out, self.max = out, max_shard_bytes
+        self.buf: dict[str, torch.Tensor] = {}
+        self.buf_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self.buf and self.buf_bytes + n > self.max:
+            self.flush()
+        self.buf[name] = t.contiguous().clone()
+        self.buf_bytes += n
+        self.total += n
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buf:
+            return
+        name = f".shard-{len(self.shards):05d}.safetensors"
+        save_file(self.buf, str(self.out / name), metadata={"format": "pt"})
+        self.shards.append((name, list(self.buf)))
+        self.buf, self.buf_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.out / self.shards[0][0], self.out / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for k, (tmp, keys) in enumerate(self.shards, start=1):
+            final = f"model-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / tmp, self.out / final)
+            names.append(final)
+            weight_map.update({key: final for key in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def write_hf(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], model: ModelConfig, vocab_size: int,
+             dtype: torch.dtype, max_shard_bytes: int, desc: str) -> None:
+    """Canonical stream -> HF safetensors shards in ``out``."""
+    shapes = Shapes.of(model, vocab_size)
+    by_param = {fmt(e.param, i): (e, i) for e, i in expand(model)}
+    writer = SafetensorsWriter(out, max_shard_bytes)
+    bar = progress(len(by_param), desc)
+    done = set()
+    for name, t in tensors:
+        e, i = by_param[name]
+        for hf_name, x in zip(e.hf, e.transform.to_hf(t, shapes)):
+            writer.add(fmt(hf_name, i), x.to(dtype))
+        done.add(name)
+        bar.update(1)
+    bar.close()
+    if done != set(by_param):
+        raise ConversionError(f"missing tensors: {sorted(set(by_param) - done)[:3]}")
+    writer.finish()
+
+
+# ---------------------------------------------------------------------------- commands
+def hf_to_mcore(src: str | Path, out: str | Path, *, rope_base: float | None = None, seq_length: int | None = None,
+                dtype: str | None = None, tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
+    from megatron_prolong.convert import mcore
+
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a folder")
+    cfg = read_hf_config(src)
+    model, vocab_size, max_pos = model_config_from_hf(cfg, rope_base)
+    check_rope_matches(model, vocab_size, max_pos)
+    reader = SafetensorsReader(src)
+    src_dtype = reader.get(entries(model)[0].hf[0]).dtype
+    tdtype = mcore.DTYPES[dtype] if dtype else (torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float32)
+    seq = int(seq_length) if seq_length else max_pos
+    out = Path(out).absolute()
+    with atomic_output(out, overwrite) as tmp, mcore.megatron_session():
+        info(f"{src}: {model.num_layers} layers, hidden {model.hidden_size}, vocab {vocab_size}, "
+             f"rope base {model.rope_base:g}{' (overridden)' if rope_base is not None else ''}, "
+             f"seq_length {seq}, {tdtype}")
+        gpt = mcore.build_tp1_model(model, vocab_size, seq, tdtype)
+        mcore.fill_model(gpt, hf_tensors(reader, model, vocab_size, tdtype), model, vocab_size, "hf -> mcore")
+        mcore.save_model(gpt, tmp)
+        del gpt
+        has_tok = copy_tokenizer(tokenizer or src, tmp / "tokenizer")
+        (tmp / "hf_config.json").write_text(json.dumps(cfg, indent=2))
+        for extra in ("generation_config.json",):
+            if (src / extra).is_file():
+                shutil.copy2(src / extra, tmp / extra)
+        meta = mcore.write_meta(tmp, model, vocab_size, seq, str(out / "tokenizer") if has_tok else None,
+                                {"kind": "hf", "path": str(src.absolute())})
+        (tmp / "train_overrides.txt").write_text(" ".join(mcore.trainer_overrides(meta, out)) + "\n")
+    info(f"wrote {out}")
+    return out
+
+
+def mcore_to_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, seq_length: int | None = None,
+                max_shard_size: str | int = "5GB", tokenizer: str | Path | None = None,
+                overwrite: bool = False) -> Path:
+    from megatron_prolong.convert import mcore
+
+    ckpt, meta = mcore.read_checkpoint(src)
+    model = mcore.model_config_from_meta(meta)
+    vocab_size = int(meta["vocab_size"])
+    seq = int(seq_length or meta["seq_length"])
+    out = Path(out).absolute()
+    with atomic_output(out, overwrite) as tmp, mcore.megatron_session():
+        reader = mcore.DistCheckpointReader(ckpt, prefix="")
+        tdtype = mcore.DTYPES[dtype] if dtype else reader.dtype(entries(model)[0].ckpt_key)
+        write_hf(tmp, reader.tensors(model, vocab_size, "mcore -> hf"), model, vocab_size, tdtype,
+                 parse_size(max_shard_size), "writing safetensors")
+        base = None
+        if (ckpt / "hf_config.json").is_file():
+            base = json.loads((ckpt / "hf_config.json").read_text())
+        cfg = hf_config_for(model, vocab_size, seq, tdtype, base)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if (ckpt / "generation_config.json").is_file():
+            shutil.copy2(ckpt / "generation_config.json", tmp / "generation_config.json")
+        copy_tokenizer(tokenizer or mcore.checkpoint_tokenizer(ckpt, meta), tmp)
+    info(f"wrote {out} (rope_theta {model.rope_base:g}, max_position_embeddings {seq})")
+    return out

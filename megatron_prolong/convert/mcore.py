@@ -1,0 +1,266 @@
+"""The Megatron side of the converters: read and write Megatron distributed checkpoints.
+
+Reading never builds a model: each checkpoint key (all layers of one tensor kind, stacked) is
+loaded whole at its global shape, so a checkpoint saved with any TP/PP/CP layout reads the same,
+one tensor kind at a time. Writing builds the TP=1 GPTModel once (one copy of the weights), fills
+it from the incoming stream and saves its own ``sharded_state_dict`` (so the result is exactly
+what the trainer's model expects, whatever layout the trainer later uses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
+from megatron_prolong.convert.common import progress
+from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
+
+META = "prolong_meta.json"
+FORMAT = "megatron-prolong/1"
+# As in megatron_prolong.train.checkpoint: a model-only checkpoint loads into any layout.
+SHARDING_META = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ConversionError(f"dtype {dtype} is not supported by the trainer's checkpoints; use --dtype fp32 or bf16")
+
+
+@contextlib.contextmanager
+def megatron_session(parallel: ParallelConfig | None = None, seed: int = 0) -> Iterator[Any]:
+    """Megatron's process groups for this process (a single gloo/NCCL process unless under torchrun)."""
+    import torch.distributed as dist
+
+    from megatron.core import parallel_state
+
+    from megatron_prolong.parallel.cpu_compat import cpu_compat
+    from megatron_prolong.parallel.distributed import init_distributed
+
+    with cpu_compat():
+        owns = not dist.is_initialized()
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        topo = init_distributed(parallel or ParallelConfig(), seed)
+        try:
+            yield topo
+        finally:
+            parallel_state.destroy_model_parallel()
+            if owns and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def is_dist_checkpoint(path: Path) -> bool:
+    return (Path(path) / "metadata.json").is_file() or (Path(path) / ".metadata").is_file()
+
+
+class DistCheckpointReader:
+    """Tensors of a Megatron distributed checkpoint by key, at their global (TP=1) shapes.
+
+    ``prefix`` is what the saving framework put in front of GPTModel's own keys
+    (``module.`` for NeMo 2, ``model.`` for NeMo 1, nothing for this project's checkpoints).
+    """
+
+    def __init__(self, path: str | Path, prefix: str | None = None) -> None:
+        from megatron.core import dist_checkpointing
+
+        self.path = Path(path)
+        if not is_dist_checkpoint(self.path):
+            raise ConversionError(f"{self.path} is not a Megatron distributed checkpoint (no metadata.json)")
+        try:
+            self.metadata = dist_checkpointing.load_tensors_metadata(str(self.path))
+        except Exception as err:  # a damaged or foreign folder
+            raise ConversionError(f"cannot read the distributed checkpoint metadata of {self.path}: {err}") from err
+        self.prefix = self._detect_prefix() if prefix is None else prefix
+
+    def _detect_prefix(self) -> str:
+        suffix = "embedding.word_embeddings.weight"
+        hits = [k for k in self.metadata if k.endswith(suffix) and "optimizer" not in k]
+        if not hits:
+            raise ConversionError(
+                f"{self.path} holds no GPT model weights (no '*{suffix}' key); is it a Llama/GPT checkpoint?"
+            )
+        return min(hits, key=len)[: -len(suffix)]
+
+    def has(self, key: str) -> bool:
+        return self.prefix + key in self.metadata
+
+    def global_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.metadata[self.prefix + key].global_shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.metadata[self.prefix + key].dtype
+
+    def load(self, key: str) -> torch.Tensor:
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        full = self.prefix + key
+        if full not in self.metadata:
+            raise ConversionError(f"{self.path} has no tensor {full!r}")
+        md = self.metadata[full]
+        buf = torch.empty(tuple(md.global_shape), dtype=md.dtype)
+        sharded = {full: ShardedTensor.from_rank_offsets(full, buf, replica_id=0)}
+        return dist_checkpointing.load(sharded, str(self.path))[full]
+
+    def tensors(self, model: ModelConfig, vocab_size: int, desc: str = "reading") -> Iterator[tuple[str, torch.Tensor]]:
+        """The canonical stream (GPTModel names, TP=1, vocabulary rows unpadded), one key at a time."""
+        shapes = Shapes.of(model, vocab_size)
+        es = entries(model)
+        if not model.untie_embeddings and self.has("output_layer.weight"):
+            raise ConversionError(
+                f"{self.path} has a separate output layer but the model config ties embeddings; "
+                "the config does not describe this checkpoint"
+            )
+        total = sum(model.num_layers if e.per_layer else 1 for e in es)
+        bar = progress(total, desc)
+        for e in es:
+            t = self.load(e.ckpt_key)
+            layers = range(model.num_layers) if e.per_layer else [None]
+            if e.per_layer and t.shape[0] != model.num_layers:
+                raise ConversionError(
+                    f"{e.ckpt_key} stacks {t.shape[0]} layers but the model config has {model.num_layers}"
+                )
+            for i in layers:
+                x = t[i] if i is not None else t
+                if e.vocab:
+                    if x.shape[0] < vocab_size:
+                        raise ConversionError(
+                            f"{e.ckpt_key} has {x.shape[0]} vocabulary rows, fewer than vocab_size={vocab_size}"
+                        )
+                    x = x[:vocab_size]
+                want = expected_shape(e, shapes)
+                if tuple(x.shape) != want:
+                    raise ConversionError(
+                        f"{e.ckpt_key}{'' if i is None else f'[layer {i}]'} has shape {tuple(x.shape)}, "
+                        f"expected {want} from the model config"
+                    )
+                yield fmt(e.param, i), x
+                bar.update(1)
+            del t
+        bar.close()
+
+
+def build_tp1_model(model: ModelConfig, vocab_size: int, seq_length: int, dtype: torch.dtype):
+    """The trainer's GPTModel at TP=1 (plugin attention: no Transformer Engine needed to convert)."""
+    from megatron_prolong.model.builder import build_model, build_transformer_config
+
+    model = replace(model, attention_backend="plugin")
+    tconfig = build_transformer_config(model, ParallelConfig(), TrainConfig(precision=dtype_name(dtype)))
+    return build_model(model, tconfig, vocab_size, seq_length, seed=0)
+
+
+def fill_model(gpt, tensors: Iterable[tuple[str, torch.Tensor]], model: ModelConfig, vocab_size: int,
+               desc: str = "converting") -> None:
+    """Copy a canonical stream into the GPTModel's parameters; every parameter must be covered."""
+    params = dict(gpt.named_parameters())
+    seen: set[str] = set()
+    shapes = Shapes.of(model, vocab_size)
+    by_param = {fmt(e.param, i): e for e in entries(model)
+                for i in (range(model.num_layers) if e.per_layer else [None])}
+    bar = progress(len(by_param), desc)
+    with torch.no_grad():
+        for name, t in tensors:
+            name = canonical_param(name)
+            if name not in params or name not in by_param:
+                raise ConversionError(f"unexpected tensor {name!r} for a Llama GPTModel")
+            e = by_param[name]
+            want = expected_shape(e, shapes)
+            if tuple(t.shape) != want:
+                raise ConversionError(f"{name} has shape {tuple(t.shape)}, expected {want} from the model config")
+            p = params[name]
+            if e.vocab:
+                p.zero_()  # padded vocabulary rows: zero
+                p[: t.shape[0]].copy_(t)
+            else:
+                p.copy_(t)
+            seen.add(name)
+            bar.update(1)
+    bar.close()
+    missing = sorted(set(by_param) - seen)
+    if missing:
+        raise ConversionError(f"the input has no weights for {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def save_model(gpt, out: Path, prefix: str = "", extra_common: dict | None = None) -> None:
+    """Save a model-only Megatron distributed checkpoint of ``gpt`` into ``out``."""
+    from megatron.core import dist_checkpointing
+
+    sd = {"model": gpt.sharded_state_dict(prefix=prefix, metadata=SHARDING_META)}
+    sd.update(extra_common or {})
+    out.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sd, str(out))
+
+
+def write_meta(out: Path, model: ModelConfig, vocab_size: int, seq_length: int, tokenizer_path: str | None,
+               source: dict) -> dict:
+    meta = {
+        "model": asdict(model), "vocab_size": vocab_size, "seq_length": seq_length,
+        "tokenizer": {"kind": "hf", "path": tokenizer_path}, "format": FORMAT, "step": 0,
+        "has_optimizer": False, "converted_from": source,
+    }
+    (out / META).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """A trainer checkpoint (iter folder, checkpoints/ root or run folder) and its meta."""
+    from megatron_prolong.train.checkpoint import read_meta, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(path)
+        meta = read_meta(ckpt)
+    except FileNotFoundError as err:
+        raise ConversionError(str(err)) from err
+    if not is_dist_checkpoint(ckpt):
+        raise ConversionError(f"{ckpt} has {META} but no distributed checkpoint (metadata.json); incomplete copy?")
+    return ckpt, meta
+
+
+def model_config_from_meta(meta: dict) -> ModelConfig:
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+
+
+def checkpoint_tokenizer(ckpt: Path, meta: dict) -> Path | None:
+    """The tokenizer folder a checkpoint points at, or its own ``tokenizer/`` copy if that moved."""
+    tok = (meta.get("tokenizer") or {})
+    candidates = []
+    if tok.get("kind") == "hf" and tok.get("path"):
+        p = Path(tok["path"])
+        candidates.append(p if p.is_absolute() else ckpt / p)
+    candidates.append(ckpt / "tokenizer")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+def trainer_overrides(meta: dict, checkpoint_dir: Path) -> list[str]:
+    """Hydra overrides that make the trainer build this checkpoint's model and load it."""
+    m = meta["model"]
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+            "vocab_size", "make_vocab_size_divisible_by", "norm_epsilon", "untie_embeddings", "rope_base",
+            "rope_scaling", "rope_scaling_factor", "rope_interpolation_factor")
+    out = []
+    for k in keys:
+        v = meta["vocab_size"] if k == "vocab_size" else m.get(k)
+        out.append(f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}")
+    out.append(f"checkpoint.load={checkpoint_dir}")
+    tok = meta.get("tokenizer") or {}
+    if tok.get("path"):
+        out += ["tokenizer.kind=hf", f"tokenizer.path={tok['path']}"]
+    return out
