@@ -56,7 +56,10 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "bf16"  # bf16 | fp32 (bf16 keeps fp32 master weights)
     recompute: str = "none"  # none | selective | full
+    loss_block_size: int = 2048  # output layer + loss in blocks of this many tokens; 0: all logits at once
     max_skipped_steps_in_row: int = 5  # non-finite loss or gradient norm: skip, stop after this many in a row
+    gpu: str = "h100_80gb"  # for the memory check and MFU: a key of megatron_prolong.train.flops.GPU_SPECS
+    memory_check: str = "error"  # error | warn | off: refuse (or warn about) layouts estimated not to fit
 
 
 @dataclass
@@ -75,6 +78,8 @@ class CheckpointConfig:
     save_interval: int = 20  # steps; 0 disables periodic saves (the last step is always saved)
     load: str | None = None  # checkpoint to start a new run from (stage transitions)
     load_optimizer: bool = True
+    keep_last: int | None = None  # keep the newest N checkpoints (None: keep all) ...
+    keep_every: int | None = None  # ... plus every checkpoint whose step is a multiple of this
 
 
 @dataclass
@@ -139,6 +144,14 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
     _choice("train.precision", t.precision, ("bf16", "fp32"))
     _choice("train.recompute", t.recompute, ("none", "selective", "full"))
     _choice("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
+    _choice("train.memory_check", t.memory_check, ("error", "warn", "off"))
+    if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
+        raise ConfigError(
+            "tokenizer.path is not set: tokenizer.kind=hf needs a local Hugging Face tokenizer folder, "
+            "e.g. tokenizer.path=/models/Meta-Llama-3-8B-Instruct"
+        )
+    if t.loss_block_size < 0:
+        raise ConfigError(f"train.loss_block_size={t.loss_block_size} must be >= 0 (0 turns blocking off)")
     if not 0 <= t.warmup_fraction < 1:
         raise ConfigError(f"train.warmup_fraction={t.warmup_fraction} must be in [0, 1)")
 

@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from .context_parallel import gather_kv_zigzag, zigzag_indices, zigzag_segments
 from .layout import DocumentLayout
 
-BACKENDS = ("auto", "reference", "flex", "varlen", "sdpa")
+BACKENDS = ("auto", "reference", "flex", "varlen", "sdpa", "hybrid")
 
-#: backend ``auto`` uses on CUDA for layouts with more than one document
-AUTO_MULTI_DOC_BACKEND = "flex"
+#: backend ``auto`` uses on CUDA for layouts with more than one document (``hybrid`` itself
+#: runs flex under CP)
+AUTO_MULTI_DOC_BACKEND = "hybrid"
 #: block sizes of the flex block mask (queries, keys)
 FLEX_BLOCK_SIZE: tuple[int, int] = (128, 128)
 #: kernel_options passed to flex_attention (None: PyTorch's defaults / autotuning)
@@ -53,6 +54,14 @@ FLEX_KERNEL_OPTIONS: dict | None = None
 #: SDPA kernels to prefer on CUDA, in priority order (names of torch.nn.attention.SDPBackend);
 #: None keeps PyTorch's own order
 SDPA_PRIORITY: tuple[str, ...] | None = None
+#: hybrid: documents of at least this many tokens get their own causal SDPA call (cuDNN)
+HYBRID_MIN_DOC = 2048
+#: hybrid: backend for the documents shorter than HYBRID_MIN_DOC, packed into one call
+#: (CUDA; on other devices ``reference`` is used). ``varlen`` needs no recompilation when the
+#: packed length changes (flex would compile once per length)
+HYBRID_SHORT_BACKEND = "varlen"
+#: hybrid: number of side CUDA streams the per-document SDPA calls are spread over (0: none)
+HYBRID_STREAMS = 0
 #: element budget of one score block in the reference backend
 REFERENCE_BLOCK_ELEMENTS = 1 << 24
 
@@ -139,7 +148,9 @@ def resolve_backend(
         return backend
     if torch.device(device).type != "cuda":
         return "reference"
-    if cp_size == 1 and layout.is_single_document():
+    if cp_size > 1:
+        return "flex"
+    if layout.is_single_document():
         return "sdpa"
     return AUTO_MULTI_DOC_BACKEND
 
@@ -291,6 +302,10 @@ def _sdpa(q, k, v, layout, cp_size, cp_rank, scale):
             )
             outs.append(o.permute(2, 0, 1, 3))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    if cp_size == 1:
+        # one causal call per document over torch.split views (one split/cat in the autograd
+        # graph instead of a full-size zero-filled gradient per slice)
+        return _per_document(q, k, v, layout, scale, min_doc=0, short_backend=None, streams=0)
     rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
     for row, lq0, lq1, k0, k1 in pieces(layout, cp_size, cp_rank):
         o = _sdpa_piece(
@@ -301,6 +316,87 @@ def _sdpa(q, k, v, layout, cp_size, cp_rank, scale):
         )
         rows[row].append(o[0].transpose(0, 1))  # [n, hq, d]
     return torch.stack([torch.cat(r, dim=0) for r in rows], dim=1)
+
+
+# ---------------------------------------------------------------------- hybrid
+def _hybrid_plan(layout: DocumentLayout, min_doc: int):
+    """(document lengths in THD order, indices of long documents, indices of short ones,
+    one-row layout of the short documents packed back to back or None) (cached)."""
+    key = ("hybrid", min_doc)
+    if key not in layout._cache:
+        sizes = [
+            bnd[i + 1] - bnd[i] for bnd in layout.boundaries() for i in range(len(bnd) - 1)
+        ]
+        long_idx = [i for i, n in enumerate(sizes) if n >= min_doc]
+        short_idx = [i for i, n in enumerate(sizes) if n < min_doc]
+        short_layout = None
+        if short_idx:
+            short_layout = DocumentLayout.from_lengths(
+                [[sizes[i] for i in short_idx]], device=layout.device
+            )
+        layout._cache[key] = (sizes, long_idx, short_idx, short_layout)
+    return layout._cache[key]
+
+
+_SIDE_STREAMS: list = []
+
+
+def _per_document(q, k, v, layout, scale, *, min_doc, short_backend, streams):
+    """CP = 1. Documents of ``min_doc`` tokens or more: one causal SDPA call each (cuDNN on
+    Hopper), optionally spread over ``streams`` side CUDA streams; the shorter ones packed into
+    one ``short_backend`` call. Tokens are split per document with ``torch.split`` and the
+    outputs concatenated back, so autograd sees one split and one cat per tensor."""
+    s, b, hq, d = q.shape
+    hkv = k.shape[2]
+    sizes, long_idx, short_idx, short_layout = _hybrid_plan(layout, min_doc)
+    flat = lambda t: t.transpose(0, 1).reshape(b * s, t.shape[2], d)  # a view when b == 1
+    qs, ks, vs = (torch.split(flat(t), sizes, dim=0) for t in (q, k, v))
+    outs: list[torch.Tensor | None] = [None] * len(sizes)
+    use_streams = streams > 0 and q.device.type == "cuda" and len(long_idx) > 1
+    if use_streams:
+        while len(_SIDE_STREAMS) < streams:
+            _SIDE_STREAMS.append(torch.cuda.Stream(device=q.device))
+        main = torch.cuda.current_stream(q.device)
+    for j, i in enumerate(long_idx):
+        args = [t[i].transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs)]
+        if use_streams:
+            st = _SIDE_STREAMS[j % streams]
+            st.wait_stream(main)
+            with torch.cuda.stream(st):
+                o = _sdpa_piece(*args, scale)
+            o.record_stream(main)
+        else:
+            o = _sdpa_piece(*args, scale)
+        outs[i] = o[0].transpose(0, 1)  # [L, hq, d]
+    if use_streams:
+        for st in _SIDE_STREAMS[:streams]:
+            main.wait_stream(st)
+    if short_idx:
+        if len(short_idx) == len(sizes):
+            qc, kc, vc = (flat(t).unsqueeze(1) for t in (q, k, v))
+        else:
+            qc, kc, vc = (torch.cat([t[i] for i in short_idx]).unsqueeze(1) for t in (qs, ks, vs))
+        sb = short_backend if q.device.type == "cuda" else "reference"
+        oc = _IMPLS[sb](qc, kc, vc, _on_device(short_layout, q.device), 1, 0, scale)
+        oc = oc.reshape(-1, hq, d)
+        if len(short_idx) == len(sizes):
+            return oc.view(b, s, hq, d).transpose(0, 1)
+        for i, o in zip(short_idx, torch.split(oc, [sizes[i] for i in short_idx], dim=0)):
+            outs[i] = o
+    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+    return out.view(b, s, hq, d).transpose(0, 1)
+
+
+def _hybrid(q, k, v, layout, cp_size, cp_rank, scale):
+    if cp_size > 1:
+        # a rank's pieces need lower-right causal masks and overlapping key ranges: flex there
+        # (CUDA), the reference elsewhere
+        impl = _flex if q.device.type == "cuda" else _reference
+        return impl(q, k, v, layout, cp_size, cp_rank, scale)
+    return _per_document(
+        q, k, v, layout, scale, min_doc=HYBRID_MIN_DOC, short_backend=HYBRID_SHORT_BACKEND,
+        streams=HYBRID_STREAMS,
+    )
 
 
 # ---------------------------------------------------------------------- varlen
@@ -455,4 +551,6 @@ def _flex(q, k, v, layout, cp_size, cp_rank, scale):
     return out.permute(2, 0, 1, 3)
 
 
-_IMPLS = {"reference": _reference, "sdpa": _sdpa, "varlen": _varlen, "flex": _flex}
+_IMPLS = {
+    "reference": _reference, "sdpa": _sdpa, "varlen": _varlen, "flex": _flex, "hybrid": _hybrid,
+}

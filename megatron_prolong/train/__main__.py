@@ -20,6 +20,23 @@ def _to_typed(raw: DictConfig) -> ProLongConfig:
     return OmegaConf.to_object(raw)
 
 
+def check_memory(cfg: ProLongConfig, world_size: int) -> None:
+    """Refuse (or warn about) a layout whose estimated memory exceeds the GPU's, before starting."""
+    from megatron_prolong.tokenizer import ByteTokenizer
+    from megatron_prolong.train.memory import check_fits
+
+    vocab = cfg.model.vocab_size or (ByteTokenizer.vocab_size if cfg.tokenizer.kind == "byte" else None)
+    if cfg.train.memory_check == "off" or vocab is None:
+        return
+    try:
+        check_fits(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, world_size, vocab_size=vocab,
+                   gpu=cfg.train.gpu)
+    except ConfigError as err:
+        if cfg.train.memory_check == "error":
+            raise ConfigError(f"{err} (train.memory_check=warn or off to start anyway)") from None
+        print(f"megatron-prolong: warning: {err}", file=sys.stderr, flush=True)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
     from megatron_prolong.parallel.distributed import world_size_from_env
@@ -27,6 +44,7 @@ def main(raw: DictConfig) -> None:
     cfg = _to_typed(raw)
     try:
         validate(cfg, world_size_from_env())
+        check_memory(cfg, world_size_from_env())
     except ConfigError as err:
         print(f"megatron-prolong: invalid configuration: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from megatron_prolong.config import ProLongConfig
 from megatron_prolong.data.loader import MixtureLoader
 from megatron_prolong.data.metrics import DomainTracker
 from megatron_prolong.data.synthetic import write_synthetic_corpus
+from megatron_prolong.model.loss import BlockwiseLoss
 from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
 from megatron_prolong.parallel.distributed import Topology
 from megatron_prolong.tokenizer import build_tokenizer
 from megatron_prolong.train import checkpoint as ckpt
+from megatron_prolong.train.flops import gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
 from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -77,9 +80,12 @@ class Trainer:
             ),
             module=model,
         )
+        block = cfg.train.loss_block_size
+        self.forward_step = partial(forward_step, output_processor=BlockwiseLoss(block) if block else None)
         self.optimizer = build_optimizer(cfg.train, cfg.parallel, [self.model])
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
         self.domains = DomainTracker(self.loader.domain_names)
+        self.peak_tflops = gpu_spec(cfg.train.gpu).bf16_tflops
         self.step = 0
         self.tokens_seen = 0
         self.skipped_total = 0
@@ -115,6 +121,7 @@ class Trainer:
             extra={"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
                    "skipped_total": self.skipped_total, "domains": self.domains.state_dict()},
             meta=_meta(self.cfg, self.vocab_size),
+            keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
         )
 
     # -- training ------------------------------------------------------------------------------
@@ -125,15 +132,19 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, topo = self.cfg, self.topo
         start = time.monotonic()
+        raw = self.loader.next_step()
+        counts_here = topo.is_last_stage and topo.tp_rank == 0 and topo.cp_rank == 0
+        local_flops = model_flops_per_step(cfg.model, self.vocab_size, cu_seqlens=[mb["cu_seqlens"] for mb in raw]) \
+            if counts_here else 0
         micro = [
             prepare_micro_batch(mb, rope_mode=cfg.model.rope_positions, cp_size=topo.cp_size,
                                 cp_rank=topo.cp_rank, device=self.device)
-            for mb in self.loader.next_step()
+            for mb in raw
         ]
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=self.forward_step,
             data_iterator=iter(micro),
             model=[self.model],
             num_microbatches=self.num_micro_batches,
@@ -141,7 +152,9 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False,
         )
-        totals = self._reduce_stats(outputs)
+        totals = self._reduce_stats(outputs, local_flops)
+        step_flops = totals[-1, 0].item()
+        totals = totals[:-1]
         loss_sum, loss_tokens = totals.sum(dim=0)[2:].tolist()
         loss = loss_sum / max(loss_tokens, 1.0)
         ok, grad_norm = self._optimizer_step(loss)
@@ -159,6 +172,9 @@ class Trainer:
             "step_time": elapsed,
             "tokens_per_s": step_tokens / elapsed,
             "tokens_per_s_per_gpu": step_tokens / elapsed / topo.world_size,
+            "tflops_per_gpu": model_tflops_per_gpu(step_flops, elapsed, topo.world_size),
+            "mfu": mfu(step_flops, elapsed, topo.world_size, self.peak_tflops),
+            "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
             "skipped": 0 if ok else 1,
             "skipped_total": self.skipped_total,
         }
@@ -187,19 +203,21 @@ class Trainer:
             )
         return False, grad_norm
 
-    def _reduce_stats(self, outputs: list[dict]) -> torch.Tensor:
-        """Per-domain (samples, tokens, loss_sum, loss_tokens) over the global batch, on every rank."""
+    def _reduce_stats(self, outputs: list[dict], local_flops: float) -> torch.Tensor:
+        """Per-domain (samples, tokens, loss_sum, loss_tokens) over the global batch, on every rank;
+        the last row holds the step's model FLOPs (attention counted for document-masked pairs)."""
         topo = self.topo
-        buf = torch.zeros(len(self.domains.domain_names), 4, dtype=torch.float64, device=self.device)
+        buf = torch.zeros(len(self.domains.domain_names) + 1, 4, dtype=torch.float64, device=self.device)
+        buf[-1, 0] = float(local_flops)
         if topo.is_last_stage and topo.tp_rank == 0:
             for out in outputs:
                 stats: LossStats = out["stats"]
                 d = stats.domain.to(self.device)
                 if topo.cp_rank == 0:  # CP ranks share samples; count them once
-                    buf[:, 0].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
-                    buf[:, 1].index_add_(0, d, torch.full_like(d, self.cfg.data.seq_length, dtype=torch.float64))
-                buf[:, 2].index_add_(0, d, stats.loss_sum.double())
-                buf[:, 3].index_add_(0, d, stats.tokens.double())
+                    buf[:-1, 0].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+                    buf[:-1, 1].index_add_(0, d, torch.full_like(d, self.cfg.data.seq_length, dtype=torch.float64))
+                buf[:-1, 2].index_add_(0, d, stats.loss_sum.double())
+                buf[:-1, 3].index_add_(0, d, stats.tokens.double())
         dist.all_reduce(buf)
         return buf
 

@@ -41,6 +41,7 @@ class MetricsWriter:
         return (
             f"step {step:>6}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | "
             f"grad norm {r['grad_norm']:.3f} | {r['tokens_per_s']:.0f} tok/s | "
+            f"{r.get('tflops_per_gpu', 0.0):.1f} TFLOP/s/GPU (MFU {100 * r.get('mfu', 0.0):.1f}%) | "
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         )
 

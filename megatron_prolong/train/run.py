@@ -13,14 +13,14 @@ from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE
 
 def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
     with cpu_compat():
+        from megatron_prolong.train.loop import Preempted, Trainer
+
         topo = init_distributed(cfg.parallel, cfg.train.seed)
         preempted = False
         try:
             if topo.rank == 0:
                 Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
                 (Path(cfg.run.dir) / "config.yaml").write_text(resolved_yaml)
-            from megatron_prolong.train.loop import Preempted, Trainer
-
             Trainer(cfg, topo).run()
         except Preempted:
             preempted = True

@@ -56,7 +56,9 @@ def _loss_func(mb: MicroBatch, output: torch.Tensor):
     return loss, count.sum().to(torch.int), {"stats": stats}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, output_processor=None):
+    """Megatron's forward_step_func (bind ``output_processor`` with functools.partial)."""
     mb: MicroBatch = next(data_iterator)
-    output = model(mb.tokens, None, None, labels=mb.labels, packed_seq_params=mb.packed)
+    output = model(mb.tokens, None, None, labels=mb.labels, packed_seq_params=mb.packed,
+                   output_processor=output_processor)
     return output, partial(_loss_func, mb)

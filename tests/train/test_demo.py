@@ -1,0 +1,50 @@
+"""The tiny end-to-end demo (the default config): real data format, real Megatron model, loss falls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from conftest import train
+
+    return train(tmp_path_factory.mktemp("demo") / "run")
+
+
+def test_loss_falls(demo):
+    losses = demo.losses
+    assert len(losses) >= 10
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+
+
+def test_run_dir_holds_everything(demo):
+    d = demo.dir
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    assert cfg["run"]["dir"] == str(d) and cfg["model"]["name"] == "tiny"
+    record = demo.metrics[-1]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                "domain/long/samples", "domain/short/tokens", "domain/long/loss"):
+        assert key in record, key
+    assert record["tokens"] == record["step"] * cfg["train"]["global_batch_size"] * cfg["data"]["seq_length"]
+    assert list((d / "tensorboard").glob("events.out.tfevents.*"))
+    tracker = d / "checkpoints" / "latest_checkpointed_iteration.txt"
+    step = int(tracker.read_text())
+    assert step == cfg["train"]["steps"]
+    ckpt = d / "checkpoints" / f"iter_{step:07d}"
+    assert (ckpt / "metadata.json").is_file() and json.loads((ckpt / "prolong_meta.json").read_text())["step"] == step
+    # The synthetic corpus is real MDS in ProLong's layout.
+    assert json.loads((d / "data" / "long" / "index.json").read_text())["shards"][0]["format"] == "mds"
+    # Console progress: one line per step with loss, throughput and ETA.
+    assert "ETA" in demo.output and "tok/s" in demo.output
+
+
+def test_rerun_of_a_finished_run_does_nothing(demo):
+    from conftest import train
+
+    again = train(demo.dir)
+    assert "already complete" in again.output
