@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from megatron_prolong.attention.te_thd import validate_cp_comm_type
 from megatron_prolong.data.config import DataConfig
 from megatron_prolong.tokenizer import TokenizerConfig
 
@@ -188,6 +189,11 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
             f"data.seq_length={d.seq_length} is not divisible by 2 x parallel.cp = {2 * p.cp}; context "
             "parallelism splits each sequence into 2 x cp load-balanced chunks"
         )
+    try:
+        validate_cp_comm_type(p.cp_comm_type, p.cp, max(m.num_attention_heads // p.tp, 1),
+                              max(m.num_query_groups // p.tp, 1), p.hierarchical_cp_sizes)
+    except ValueError as err:
+        raise ConfigError(f"parallel.cp_comm_type: {err}") from None
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and d.seq_length // p.cp % p.tp:

@@ -43,6 +43,11 @@ def test_default_config_is_the_tiny_demo():
         (["model.attention_kernel=fast"], 1, "model.attention_kernel"),
         (["train.lr=0"], 1, "train.lr"),
         (["model.num_query_groups=3"], 1, "model.num_attention_heads"),
+        (["parallel.cp=2", "parallel.cp_comm_type=allgather"], 2, "all_gather"),
+        (["parallel.cp=4", "parallel.cp_comm_type=a2a+p2p"], 4, "hierarchical_context_parallel_sizes"),
+        (["parallel.cp=4", "parallel.cp_comm_type=a2a", "model.num_query_groups=2"], 4, "parallel.cp_comm_type"),
+        (["tokenizer=llama3"], 1, "tokenizer.path"),
+        (["train.loss_block_size=-1"], 1, "train.loss_block_size"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, world, key):

@@ -57,6 +57,7 @@ def build_transformer_config(
     model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
 ) -> ProLongTransformerConfig:
     bf16 = train.precision == "bf16"
+    te = resolve_attention_backend(model) == "te"
     recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
                                           recompute_num_layers=1),
                  "selective": dict(recompute_granularity="selective")}[train.recompute]
@@ -98,6 +99,8 @@ def build_transformer_config(
         rope_scaling_factor=model.rope_scaling_factor,
         rope_interpolation_factor=model.rope_interpolation_factor,
         attention_kernel=model.attention_kernel,
+        # TE's THD batches vary in length (per-document padding): pipeline stages exchange shapes.
+        variable_seq_lengths=te and parallel.pp > 1,
         **recompute,
     )
 

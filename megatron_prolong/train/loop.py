@@ -28,7 +28,7 @@ from megatron_prolong.train.flops import gpu_spec, mfu, model_flops_per_step, mo
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
 from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
-from megatron_prolong.train.step import LossStats, forward_step, prepare_micro_batch
+from megatron_prolong.train.step import LossStats, forward_step, prepare_micro_batch, prepare_te_micro_batch
 
 
 def _device() -> torch.device:
@@ -66,6 +66,7 @@ class Trainer:
             cfg.data, vocab_size=self.vocab_size, seed=t.seed, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
             micro_batch_size=t.micro_batch_size, num_micro_batches=self.num_micro_batches,
         )
+        self.backend = resolve_attention_backend(cfg.model)
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed)
@@ -136,11 +137,13 @@ class Trainer:
         counts_here = topo.is_last_stage and topo.tp_rank == 0 and topo.cp_rank == 0
         local_flops = model_flops_per_step(cfg.model, self.vocab_size, cu_seqlens=[mb["cu_seqlens"] for mb in raw]) \
             if counts_here else 0
-        micro = [
-            prepare_micro_batch(mb, rope_mode=cfg.model.rope_positions, cp_size=topo.cp_size,
-                                cp_rank=topo.cp_rank, device=self.device)
-            for mb in raw
-        ]
+        if self.backend == "te":
+            micro = [prepare_te_micro_batch(mb, cp_size=topo.cp_size, cp_rank=topo.cp_rank, device=self.device)
+                     for mb in raw]
+        else:
+            micro = [prepare_micro_batch(mb, rope_mode=cfg.model.rope_positions, cp_size=topo.cp_size,
+                                         cp_rank=topo.cp_rank, device=self.device)
+                     for mb in raw]
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = get_forward_backward_func()(
@@ -231,7 +234,7 @@ class Trainer:
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard) if self.topo.is_logger else None
         preemption = PreemptionHandler()
         self._log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
-                  f"attention backend {resolve_attention_backend(cfg.model)}, "
+                  f"attention backend {self.backend}, "
                   f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={self.topo.dp_size}")
         try:
             while self.step < total:

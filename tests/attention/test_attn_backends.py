@@ -60,6 +60,30 @@ def test_output_and_grads_match_dense(name, backend, cp):
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("min_doc", [1, 5, 10, 10**9])
+@pytest.mark.parametrize("cp", [1, 2])
+def test_hybrid_matches_dense(name, min_doc, cp, monkeypatch):
+    """hybrid: documents >= min_doc through one SDPA call each, the rest packed into one call of
+    the short backend (``reference`` on CPU); split/cat bookkeeping checked in float64."""
+    import megatron_prolong.attention.core as core
+
+    monkeypatch.setattr(core, "HYBRID_MIN_DOC", min_doc)
+    rows = LAYOUTS[name]
+    layout = DocumentLayout.from_lengths(rows)
+    for i, (hq, hkv) in enumerate(HEADS):
+        q, k, v = _inputs(len(rows), hq, hkv, seed=7 * min_doc % 1000 + i)
+        ref = dense_attention(q, k, v, rows)
+        go = torch.randn_like(ref)
+        gref = torch.autograd.grad(ref, (q, k, v), go)
+        out = _run_cp("hybrid", q, k, v, layout, cp)
+        assert (out - ref).abs().max().item() < TOL
+        got = torch.autograd.grad(out, (q, k, v), go)
+        for a, b_, what in zip(got, gref, "qkv"):
+            err = (a - b_).abs().max().item()
+            assert err < TOL, f"d{what} off by {err}"
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("cp", [1, 2, 4])
 def test_flex_forward_matches_dense(name, cp):
     # flex_attention has no CPU backward in PyTorch 2.11: forward only here (GPU bench checks more)
@@ -100,7 +124,7 @@ def test_reference_blocks_bounded(monkeypatch):
     assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) < TOL
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex", "hybrid"])
 def test_no_leakage_between_documents(backend):
     rows = [[5, 20, 3, 36], [30, 34]]
     layout = DocumentLayout.from_lengths(rows)
@@ -124,7 +148,7 @@ def test_auto_and_errors():
     cuda = torch.device("cuda")  # only the device type is looked at
     assert resolve_backend("auto", cuda, one) == "sdpa"
     assert resolve_backend("auto", cuda, one, cp_size=2) == "flex"
-    assert resolve_backend("auto", cuda, layout) == "flex"
+    assert resolve_backend("auto", cuda, layout) == "hybrid"
     assert resolve_backend("varlen", torch.device("cpu"), layout) == "varlen"
     q, k, v = _inputs(1, 4, 2, seed=0, requires_grad=False)
     with pytest.raises(ValueError, match="unknown attention backend"):

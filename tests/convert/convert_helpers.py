@@ -91,10 +91,3 @@ def hf_state(folder: Path) -> dict[str, torch.Tensor]:
         out.update(load_file(f))
     return out
 
-
-@pytest.fixture
-def tiny_llama(tmp_path):
-    """(folder, model) of the default tiny Llama: GQA 4/2 heads, untied, rope 5e5, vocab 300."""
-    folder = tmp_path / "hf"
-    model = make_hf_llama(folder)
-    return folder, model

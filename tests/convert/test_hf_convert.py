@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, hf_logprobs, hf_state, make_hf_llama, megatron_logits
+from convert_helpers import VOCAB, hf_logprobs, hf_state, make_hf_llama, megatron_logits
 
 from megatron_prolong.convert.hf import hf_to_mcore, mcore_to_hf
 from megatron_prolong.convert.mcore import read_checkpoint

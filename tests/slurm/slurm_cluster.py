@@ -6,7 +6,7 @@ system-wide Slurm or munge and several can run side by side. No systemd, no cgro
 proctrack/linuxproc, task/none. ``stop()`` cancels every job, waits for the job processes to
 end, then stops slurmd, slurmctld and munged by the pids they wrote.
 
-Run by hand to get a cluster to play with: ``python tests/slurm/cluster.py`` (Ctrl-C stops it).
+Run by hand to get a cluster to play with: ``python tests/slurm/slurm_cluster.py`` (Ctrl-C stops it).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class SlurmCluster:
     """One node named after this host (NodeAddr 127.0.0.1), one partition ``test``."""
 
     def __init__(self, root: Path | None = None) -> None:
+        self._owns_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="prolong-slurm-"))
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
@@ -274,6 +275,8 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 except ProcessLookupError:
                     pass
         self.started.clear()
+        if self._owns_root and not os.environ.get("PROLONG_SLURM_KEEP"):
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def logs(self) -> str:
         parts = []

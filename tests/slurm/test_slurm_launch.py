@@ -1,0 +1,256 @@
+"""slurm/*.sh against a real single-node Slurm (Debian's 22.05), on CPU: 2 processes over gloo.
+
+- ``sbatch --wait slurm/cpt.sh <overrides>`` trains, exits 0, leaves metrics, a checkpoint and a
+  log in the run dir;
+- ``scancel --signal=USR1 --batch`` makes it checkpoint, exit 75, requeue itself and finish, with
+  the same per-step losses as the uninterrupted run;
+- bad overrides fail fast with the message in the job's log and a non-zero exit;
+- convert.sh / eval.sh pass their arguments through unchanged; every script is shellcheck-clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+TINY = (
+    "train.steps=12", "data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
+    "checkpoint.save_interval=4", "log.tensorboard=false",
+)
+# The test node has 2 CPUs and no GPUs: override the 8-GPU #SBATCH defaults on the command line.
+CPU_NODE = ("--gpus-per-node=0", "--ntasks-per-node=2")
+
+pytestmark = pytest.mark.slurm
+
+
+def _env(cluster, **extra: str) -> dict[str, str]:
+    env = dict(cluster.env)
+    env.update(GPUS_PER_NODE="2", VENV=sys.prefix, PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PROLONG_DIR"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def sbatch(cluster, cwd: Path, script: str, *args: str, wait: bool = False, sbatch_args=CPU_NODE,
+           env: dict | None = None, timeout: float = 300, script_path: Path | None = None):
+    """Submit; with ``wait`` returns the finished CompletedProcess (sbatch --wait), else the job id."""
+    cmd = [shutil.which("sbatch") or "sbatch", "--parsable", *(["--wait"] if wait else []), *sbatch_args,
+           str(script_path or REPO / "slurm" / script), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env or _env(cluster), capture_output=True, text=True,
+                          timeout=timeout)
+    if not wait:
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.strip().split(";")[0])
+    return proc
+
+
+def run_job(cluster, cwd: Path, script: str, *args: str, **kw) -> tuple[int, int]:
+    """Submit and poll scontrol (quicker than sbatch --wait for short jobs): (job id, exit code)."""
+    job = sbatch(cluster, cwd, script, *args, **kw)
+    info = cluster.wait_job(job, timeout=240, poll=0.3)
+    return job, int(info["ExitCode"].split(":")[0])
+
+
+def job_id_of(proc) -> int:
+    return int(proc.stdout.strip().splitlines()[0].split(";")[0])
+
+
+def metrics(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[int(rec["step"])] = rec["loss"]
+    return out
+
+
+def explain(cluster, job_id, *files: Path) -> str:
+    parts = [f"scontrol: {cluster.job(job_id)}"]
+    for f in files:
+        if f.exists():
+            parts.append(f"--- {f}\n{f.read_text()[-6000:]}")
+    parts.append(cluster.logs())
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, tmp_path_factory):
+    """The uninterrupted run: sbatch --wait slurm/cpt.sh with the tiny overrides."""
+    cwd = tmp_path_factory.mktemp("reference")
+    run_dir = cwd / "run"
+    start = time.monotonic()
+    proc = sbatch(slurm_cluster, cwd, "cpt.sh", f"run.dir={run_dir}", *TINY, wait=True)
+    return {"proc": proc, "cwd": cwd, "dir": run_dir, "job": job_id_of(proc), "seconds": time.monotonic() - start}
+
+
+def test_cpt_trains_with_two_processes(slurm_cluster, reference):
+    job, run_dir, cwd = reference["job"], reference["dir"], reference["cwd"]
+    out = cwd / f"prolong-cpt-{job}.out"
+    log = run_dir / "logs" / f"prolong-cpt-{job}.log"
+    assert reference["proc"].returncode == 0, explain(slurm_cluster, job, out)
+    info = slurm_cluster.job(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    assert sorted(metrics(run_dir)) == list(range(1, 13))
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert (run_dir / "config.yaml").exists()
+    text = log.read_text()
+    assert "launching 2 processes (1 node(s) x 2" in text
+    assert "0: step     12/12" in text and "finished (exit 0)" in text
+    assert "dp=2" in text  # two data-parallel ranks: both tasks joined one process group
+    # The job's own output file holds the same lines; the per-job TMPDIR is gone.
+    assert "finished (exit 0)" in out.read_text()
+    cluster_name = slurm_cluster.conf.read_text().split("ClusterName=")[1].split()[0]
+    assert not Path(f"/tmp/prolong-{cluster_name}-{job}").exists()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    # sbatch --wait through the requeue: it must return only when the job is done for good.
+    proc = subprocess.Popen(
+        [shutil.which("sbatch") or "sbatch", "--parsable", "--wait", *CPU_NODE, str(REPO / "slurm" / "cpt.sh"),
+         f"run.dir={run_dir}", *TINY],
+        cwd=tmp_path, env=_env(slurm_cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        job = int(proc.stdout.readline().strip().split(";")[0])
+        out = tmp_path / f"prolong-cpt-{job}.out"
+        log = run_dir / "logs" / f"prolong-cpt-{job}.log"
+        deadline = time.monotonic() + 240
+        while len(metrics(run_dir)) < 2:  # a couple of steps in, well before the end (12)
+            assert time.monotonic() < deadline, explain(slurm_cluster, job, out)
+            assert proc.poll() is None, explain(slurm_cluster, job, out)
+            time.sleep(0.2)
+        slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job))
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    info = slurm_cluster.job(job)
+    context = explain(slurm_cluster, job, out)
+    assert rc == 0, context
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", context
+    text = log.read_text()
+    assert "got SIGUSR1" in text, context
+    stopped = int(text.split("SIGUSR1: checkpointed at step ")[1].split(";")[0])
+    assert 2 <= stopped < 12, context
+    assert f"exit 75: checkpointed; requeueing job {job}" in text, context
+    assert "restart 1 on" in text and f"resumed from {run_dir}/checkpoints/iter_{stopped:07d} at step {stopped}" in text
+    assert "finished (exit 0)" in text
+    # Same per-step losses as the uninterrupted run, before and after the requeue.
+    got, want = metrics(run_dir), metrics(reference["dir"])
+    assert sorted(got) == list(range(1, 13)), got
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got[step], want[step])
+
+
+def test_unknown_key_fails_before_launch(slurm_cluster, tmp_path):
+    # No run.dir on the command line: the script asks Hydra for it, and Hydra refuses the key.
+    start = time.monotonic()
+    job = sbatch(slurm_cluster, tmp_path, "cpt.sh", "train.stepz=3")
+    info = slurm_cluster.wait_job(job, timeout=120, poll=0.3)
+    out = tmp_path / f"prolong-cpt-{job}.out"
+    context = explain(slurm_cluster, job, out)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", context
+    text = out.read_text()
+    assert "Key 'stepz' not in 'TrainConfig'" in text and "nothing was launched" in text, context
+    assert "launching" not in text
+    assert time.monotonic() - start < 90
+
+
+def test_invalid_config_fails_fast_with_exit_2(slurm_cluster, tmp_path):
+    # Composes, but is invalid for 2 processes: the trainer says so on every rank and exits 2.
+    # run.dir comes from Hydra (run.name), relative to the submit folder.
+    proc = sbatch(slurm_cluster, tmp_path, "cpt.sh", "run.name=badtp", "parallel.tp=3", *TINY, wait=True)
+    job = job_id_of(proc)
+    log = tmp_path / "outputs" / "badtp" / "logs" / f"prolong-cpt-{job}.log"
+    context = explain(slurm_cluster, job, tmp_path / f"prolong-cpt-{job}.out", log)
+    assert proc.returncode == 2, context
+    assert slurm_cluster.job(job)["ExitCode"] == "2:0"
+    text = log.read_text()
+    assert "megatron-prolong: invalid configuration: parallel.tp" in text, context
+    assert "training failed (exit 2)" in text and "requeue" not in text
+    assert not (tmp_path / "outputs" / "badtp" / "checkpoints").exists()
+
+
+@pytest.fixture
+def stub_repo(tmp_path):
+    """A copy of slurm/ next to stub tools that print the arguments they were given."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "slurm", repo / "slurm")
+    (repo / "tools").mkdir()
+    stub = ("import json, os, sys\n"
+            "print('ARGV ' + json.dumps({'rank': os.environ.get('SLURM_PROCID'), 'tool': os.path.basename(sys.argv[0]),"
+            " 'argv': sys.argv[1:], 'master': os.environ.get('MASTER_ADDR')}), flush=True)\n"
+            "sys.exit(int(os.environ.get('STUB_EXIT', '0')))\n")
+    for tool in ("convert_checkpoint.py", "eval_long.py"):
+        (repo / "tools" / tool).write_text(stub)
+    return repo
+
+
+def _argv_lines(text: str) -> list[dict]:
+    return [json.loads(line.split("ARGV ", 1)[1]) for line in text.splitlines() if "ARGV " in line]
+
+
+ODD_ARGS = ("score", "--input", "a file with spaces.jsonl", "--flag=$HOME", "*", "it's", "")
+
+
+def test_convert_and_eval_pass_arguments_unchanged(slurm_cluster, stub_repo, tmp_path):
+    # The scripts find their checkout from the path given to sbatch (Slurm runs a spool copy).
+    env = _env(slurm_cluster, STUB_EXIT="3")
+    job, rc = run_job(slurm_cluster, tmp_path, "convert.sh", *ODD_ARGS, env=env,
+                      sbatch_args=("--cpus-per-task=1",), script_path=stub_repo / "slurm" / "convert.sh")
+    text = (tmp_path / f"prolong-convert-{job}.out").read_text()
+    assert rc == 3, text  # the tool's exit code is the job's
+    assert _argv_lines(text) == [{"rank": "0", "tool": "convert_checkpoint.py", "argv": list(ODD_ARGS),
+                                  "master": "127.0.0.1"}], text
+
+    job, rc = run_job(slurm_cluster, tmp_path, "eval.sh", *ODD_ARGS, env=_env(slurm_cluster),
+                      sbatch_args=(*CPU_NODE, "--cpus-per-task=1"), script_path=stub_repo / "slurm" / "eval.sh")
+    text = (tmp_path / f"prolong-eval-{job}.out").read_text()
+    assert rc == 0, text
+    lines = sorted(_argv_lines(text), key=lambda r: r["rank"])
+    assert [r["rank"] for r in lines] == ["0", "1"], text  # GPUS_PER_NODE=2 processes
+    assert all(r["argv"] == list(ODD_ARGS) and r["tool"] == "eval_long.py" for r in lines), text
+
+
+@pytest.mark.parametrize("tool,script", [("convert_checkpoint.py", "convert.sh"), ("eval_long.py", "eval.sh")])
+def test_real_tool_help_through_script(slurm_cluster, tmp_path, tool, script):
+    if not (REPO / "tools" / tool).exists():
+        pytest.skip(f"tools/{tool} is not in this checkout yet")
+    job, rc = run_job(slurm_cluster, tmp_path, script, "--help", env=_env(slurm_cluster, GPUS_PER_NODE="1"),
+                      sbatch_args=("--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1"))
+    text = (tmp_path / f"prolong-{script[:-3]}-{job}.out").read_text()
+    assert rc == 0, text
+    assert "usage:" in text.lower(), text
+
+
+def test_scripts_refuse_to_run_outside_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for script in ("cpt.sh", "sft.sh", "convert.sh", "eval.sh"):
+        proc = subprocess.run(["bash", str(REPO / "slurm" / script), "x=1"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 64 and "not inside a Slurm job" in proc.stderr, (script, proc.stderr)
+
+
+def test_shellcheck_clean():
+    assert {p.name for p in SCRIPTS} >= {"cpt.sh", "sft.sh", "convert.sh", "eval.sh", "common.sh"}
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed: run .ci/slurm_setup.sh")
+    proc = subprocess.run(["shellcheck", "-x", *(str(p.relative_to(REPO)) for p in SCRIPTS)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
