@@ -24,9 +24,20 @@ Backends:
   (full blocks skip the mask function), cached on the layout, compiled once per process.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 varlen) with
   cumulative lengths per piece; CUDA only.
-- ``auto``: CPU -> ``reference``; CUDA -> ``sdpa`` for single-document rows without CP,
-  otherwise :data:`AUTO_MULTI_DOC_BACKEND` (chosen from the measurements in
-  docs/benchmarks.md; see :func:`resolve_backend`).
+- ``hybrid`` (CP = 1): documents of at least :data:`HYBRID_MIN_DOC` tokens get one causal
+  SDPA call each (cuDNN first, :data:`SDPA_PRIORITY`), optionally over
+  :data:`HYBRID_STREAMS` side streams; the shorter ones are packed into one
+  :data:`HYBRID_SHORT_BACKEND` call (``varlen``; ``reference`` off CUDA). Tokens are split per
+  document with ``torch.split`` and re-joined with one ``cat``. Under CP it runs ``flex``.
+- ``auto``: the fastest path measured per layout (H100, docs/benchmarks.md, 2026-11-24, same run
+  as TE 2.20 THD): CPU -> ``reference``; CUDA, CP = 1, one document per row -> ``sdpa`` (one
+  causal cuDNN call, 540 TFLOP/s vs TE 524, dense cuDNN 553); CUDA, CP = 1, several documents
+  -> :data:`AUTO_MULTI_DOC_BACKEND` = ``hybrid`` (466 / 378 TFLOP/s at mean 8K / 2K documents
+  vs TE 469 / 418, flex 361 / 323); CUDA with CP -> ``flex`` (pieces need lower-right masks,
+  which SDPA serves only through FlashAttention-2). Caveat: PyTorch builds one cuDNN graph per
+  new document length (cached per process), so the first call on a layout with new lengths
+  costs 0.5-4 s at 64K (measured) before the steady-state rate; set
+  ``AUTO_MULTI_DOC_BACKEND = "flex"`` where layouts never repeat lengths.
 """
 
 from __future__ import annotations
@@ -52,8 +63,12 @@ FLEX_BLOCK_SIZE: tuple[int, int] = (128, 128)
 #: kernel_options passed to flex_attention (None: PyTorch's defaults / autotuning)
 FLEX_KERNEL_OPTIONS: dict | None = None
 #: SDPA kernels to prefer on CUDA, in priority order (names of torch.nn.attention.SDPBackend);
-#: None keeps PyTorch's own order
-SDPA_PRIORITY: tuple[str, ...] | None = None
+#: None keeps PyTorch's own order. cuDNN first: PyTorch 2.11 picks cuDNN by default on H100, but
+#: once Transformer Engine is imported its default falls to FlashAttention-2 (measured: 330 vs
+#: 553 TFLOP/s dense), so the order is stated rather than left to PyTorch
+SDPA_PRIORITY: tuple[str, ...] | None = (
+    "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH",
+)
 #: hybrid: documents of at least this many tokens get their own causal SDPA call (cuDNN)
 HYBRID_MIN_DOC = 2048
 #: hybrid: backend for the documents shorter than HYBRID_MIN_DOC, packed into one call
@@ -136,11 +151,13 @@ def resolve_backend(
 ) -> str:
     """The backend ``auto`` stands for (others are returned as given, after a name check).
 
-    CPU: ``reference``. CUDA (H100 measurements in docs/benchmarks.md): single-document rows
-    without CP -> ``sdpa`` (one causal call, cuDNN: 545 TFLOP/s, = dense SDPA); everything else
-    -> :data:`AUTO_MULTI_DOC_BACKEND` (flex: 359 / 318 TFLOP/s at mean 8K / 2K documents, ahead
-    of varlen_attn's 310 / 281; with CP a single document's pieces need a lower-right causal
-    mask, which SDPA only has through FlashAttention-2, 11.2 vs flex's 9.5 us/token).
+    Rule (fastest measured per layout; H100, docs/benchmarks.md, 2026-11-24, one run with TE):
+    CPU -> ``reference``. CUDA with CP > 1 -> ``flex`` (a rank's pieces need a lower-right causal
+    mask, which SDPA only has through FlashAttention-2: 11.2 vs flex's 9.5 us/token). CUDA,
+    CP = 1: single-document rows -> ``sdpa`` (one causal cuDNN call: 540 TFLOP/s; TE THD 524,
+    dense cuDNN SDPA 553); several documents -> :data:`AUTO_MULTI_DOC_BACKEND` = ``hybrid``
+    (per-document cuDNN calls for documents >= :data:`HYBRID_MIN_DOC`, varlen for the rest:
+    466 / 378 TFLOP/s at mean 8K / 2K vs flex 361 / 323, varlen 312 / 283, TE THD 469 / 418).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -75,6 +75,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "untie_embeddings")
+
+
+def check_compatible(path: Path, model_cfg, vocab_size: int) -> list[str]:
+    """Refuse a checkpoint whose shapes differ from the config; return warnings for what may differ
+    on purpose (a stage transition changes the RoPE base and the sequence length)."""
+    meta = read_meta(path)
+    saved = meta["model"]
+    wrong = [f"model.{k}: checkpoint {saved[k]}, config {getattr(model_cfg, k)}"
+             for k in SHAPE_KEYS if saved.get(k) != getattr(model_cfg, k)]
+    if meta.get("vocab_size") != vocab_size:
+        wrong.append(f"vocabulary: checkpoint {meta.get('vocab_size')}, config {vocab_size}")
+    if wrong:
+        raise ValueError(
+            f"checkpoint {path} does not fit the configured model: " + "; ".join(wrong)
+            + ". Choose the model preset the checkpoint was made with (or convert the right checkpoint)"
+        )
+    warnings = []
+    for key in ("rope_base", "rope_scaling", "rope_scaling_factor", "rope_interpolation_factor"):
+        if saved.get(key) != getattr(model_cfg, key):
+            warnings.append(f"model.{key} changes from {saved.get(key)} (checkpoint) to {getattr(model_cfg, key)}")
+    return warnings
+
+
 def _unwrap(model):
     """Checkpoint keys are the GPTModel's own (no DDP ``module.`` prefix): converters rely on them."""
     return getattr(model, "module", model)

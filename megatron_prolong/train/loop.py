@@ -96,6 +96,10 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def _resume_or_init(self) -> None:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
+        source = latest or (ckpt.resolve_checkpoint(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None)
+        if source is not None:
+            for warning in ckpt.check_compatible(source, self.cfg.model, self.vocab_size):
+                self._log(f"note: {warning} (expected when a stage transition rescales RoPE)")
         if latest is not None:
             state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -108,11 +112,12 @@ class Trainer:
                 self.domains.load_state_dict(extra["domains"])
             ckpt.restore_rng_state(extra.get("rng"))
             self._log(f"resumed from {latest} at step {self.step}")
-        elif self.cfg.checkpoint.load:
-            path = ckpt.resolve_checkpoint(self.cfg.checkpoint.load)
+        elif source is not None:
+            path = source
             has_optimizer = ckpt.read_meta(path).get("has_optimizer", True)
             opt = self.optimizer if self.cfg.checkpoint.load_optimizer and has_optimizer else None
             ckpt.load_checkpoint(path, self.model, opt)
+            self.scheduler.step(increment=0)  # the loaded param groups carry the old run's learning rate
             self._log(f"initialised from {path} ({'model and optimizer' if opt else 'model only'}); "
                       "schedule and data start fresh")
 

@@ -64,3 +64,28 @@ def test_eval_long_score_tool(tmp_path):
                 "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "bad_out.jsonl"))
     assert res.returncode == 1 and "line 1" in res.stderr and "input_ids must be in [0, 300)" in res.stderr
     assert not (tmp_path / "bad_out.jsonl").exists()
+
+
+def test_score_with_tp2_and_cp2_matches_one_process(tmp_path):
+    """torchrun with 2 processes: TP=2 (vocabulary-parallel log-softmax) and CP=2 (zigzag split,
+    padding to 2 x CP) give the single-process log-probabilities."""
+    from megatron_prolong.convert.hf import hf_to_mcore
+    from megatron_prolong.eval.score import score_file
+
+    make_hf_llama(tmp_path / "hf", layers=1)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mc")
+    lines = [{"input_ids": list(range(3, 40)), "indices": [[0, 9], [9, 10], [10, 37]]},
+             {"input_ids": list(range(100, 123))}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    score_file(tmp_path / "mc", tmp_path / "in.jsonl", tmp_path / "ref.jsonl")
+    ref = [json.loads(x)["token_logprobs"] for x in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    for flag in ("--tp", "--cp"):
+        out = tmp_path / f"out{flag}.jsonl"
+        res = _tool("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/eval_long.py",
+                    "score", flag, "2", "--checkpoint", str(tmp_path / "mc"), "--input", str(tmp_path / "in.jsonl"),
+                    "--output", str(out), "--chunk", "8")
+        assert res.returncode == 0, res.stderr[-3000:]
+        got = [json.loads(x)["token_logprobs"] for x in out.read_text().splitlines()]
+        for g, r in zip(got, ref, strict=True):
+            assert [x is None for x in g] == [x is None for x in r]
+            assert max(abs(a - b) for a, b in zip(g, r) if a is not None) < 1e-5, flag

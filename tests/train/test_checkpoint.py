@@ -1,0 +1,129 @@
+"""Checkpoints: exact resume after kills (also mid-save), stage transitions, preemption, bad steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, _env, assert_losses_close, train
+
+SMALL = ("data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
+         "train.precision=fp32", "log.tensorboard=false")
+
+
+def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "megatron_prolong.train", f"run.dir={run_dir}", *SMALL, *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _per_step(run_dir: Path) -> dict[int, float]:
+    import json
+
+    losses: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        losses[r["step"]] = r["loss"]  # a re-run step (after a kill) must give the same loss: last wins
+    return losses
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("full") / "run", *SMALL, "train.steps=12",
+                 "checkpoint.save_interval=1", nproc=2)
+
+
+def test_killed_mid_save_and_at_random_steps_resumes_exactly(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    # 1. SIGKILL the whole job while a checkpoint is being written (its temporary folder exists).
+    proc = _start(run_dir, "train.steps=12", "checkpoint.save_interval=1")
+    deadline = time.monotonic() + 300
+    while not list(ckpts.glob(".iter_*.tmp")) or not (ckpts / "latest_checkpointed_iteration.txt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before a save could be interrupted"
+        time.sleep(0.01)
+    _kill_group(proc)
+    tracked = int((ckpts / "latest_checkpointed_iteration.txt").read_text())
+    assert (ckpts / f"iter_{tracked:07d}" / "prolong_meta.json").is_file()  # the tracker points at a whole one
+    # 2. Kill again at a random later moment.
+    proc = _start(run_dir, "train.steps=12", "checkpoint.save_interval=1")
+    time.sleep(8 + torch.randint(0, 6, ()).item())
+    _kill_group(proc)
+    # 3. Let it finish.
+    finished = train(run_dir, *SMALL, "train.steps=12", "checkpoint.save_interval=1", nproc=2)
+    assert "resumed from" in finished.output
+    resumed, full = _per_step(run_dir), _per_step(uninterrupted.dir)
+    assert sorted(resumed) == list(range(1, 13))
+    assert_losses_close([resumed[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rel=1e-9)
+
+
+def test_keep_last_and_every(tmp_path):
+    run = train(tmp_path / "run", *SMALL, "train.steps=6", "checkpoint.save_interval=1",
+                "checkpoint.keep_last=2", "checkpoint.keep_every=3")
+    kept = sorted(p.name for p in (run.dir / "checkpoints").glob("iter_*"))
+    assert kept == ["iter_0000003", "iter_0000005", "iter_0000006"]
+
+
+def test_stage_transition_keeps_optimizer_and_restarts_schedule(uninterrupted, tmp_path):
+    stage1 = uninterrupted.dir
+    stage2 = train(tmp_path / "stage2", *SMALL, "train.steps=3", "model.rope_base=8e6",
+                   f"checkpoint.load={stage1}", "checkpoint.load_optimizer=true", "checkpoint.save_interval=0",
+                   nproc=2)
+    assert "model and optimizer" in stage2.output and "rope_base changes from 500000.0" in stage2.output
+    fresh_opt = train(tmp_path / "model_only", *SMALL, "train.steps=3", "model.rope_base=8e6",
+                      f"checkpoint.load={stage1}", "checkpoint.load_optimizer=false", "checkpoint.save_interval=0",
+                      nproc=2)
+    assert "model only" in fresh_opt.output
+    m2, m1 = stage2.metrics, fresh_opt.metrics
+    # Schedule restarted: back at the peak, not at stage 1's floor (and not the loaded groups' lr).
+    assert m2[0]["lr"] == m1[0]["lr"] > 5 * uninterrupted.metrics[-1]["lr"]
+    # Same weights at step 1 (same loss); kept Adam moments make the first update differ.
+    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-9)
+    assert m2[1]["loss"] != pytest.approx(m1[1]["loss"], rel=1e-6)
+    # Data restarted too: the first step sees the same samples as stage 1's first step.
+    assert m2[0]["domain/long/samples"] + m2[0]["domain/short/samples"] == 4
+
+
+def test_mismatched_checkpoint_is_refused_in_words(uninterrupted, tmp_path):
+    run = train(tmp_path / "bad", *SMALL, "train.steps=1", "model.num_layers=2",
+                f"checkpoint.load={uninterrupted.dir}", check=False)
+    assert run.proc.returncode != 0
+    assert "does not fit the configured model" in run.output and "model.num_layers: checkpoint 4, config 2" in run.output
+
+
+def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megatron_prolong.train", f"run.dir={run_dir}", *SMALL, "train.steps=500",
+           "checkpoint.save_interval=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    step = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= step < 500 and "SIGUSR1: checkpointed at step" in out
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    run = train(tmp_path / "run", *SMALL, "train.steps=20", "train.lr=1e12", "train.warmup_fraction=0",
+                "train.grad_clip=0", "train.max_skipped_steps_in_row=2", "checkpoint.save_interval=0", check=False)
+    assert run.proc.returncode != 0
+    assert "2 steps in a row had a non-finite loss or gradient" in run.output
+    skipped = [m for m in run.metrics if m["skipped"]]
+    assert len(skipped) >= 1 and skipped[-1]["skipped_total"] >= 1
+    assert not (run.dir / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
