@@ -80,15 +80,64 @@ def useful_pairs(layout: DocumentLayout, cp_size=1, cp_rank=0) -> int:
     return tot
 
 
+_KNOBS = ("FLEX_KERNEL_OPTIONS", "SDPA_PRIORITY", "HYBRID_MIN_DOC", "HYBRID_SHORT_BACKEND",
+          "HYBRID_STREAMS")
+
+
 @contextlib.contextmanager
-def settings(flex_opts=None, sdpa_priority=None, auto=None):
-    old = (core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY, core.AUTO_MULTI_DOC_BACKEND)
-    core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY = flex_opts, sdpa_priority
-    core.AUTO_MULTI_DOC_BACKEND = auto or old[2]
+def settings(flex_opts=None, sdpa_priority=None, min_doc=None, short=None, streams=None):
+    old = {n: getattr(core, n) for n in _KNOBS}
+    core.FLEX_KERNEL_OPTIONS = flex_opts
+    if sdpa_priority is not None:
+        core.SDPA_PRIORITY = sdpa_priority or None  # () -> PyTorch's own order
+    if min_doc is not None:
+        core.HYBRID_MIN_DOC = min_doc
+    if short is not None:
+        core.HYBRID_SHORT_BACKEND = short
+    if streams is not None:
+        core.HYBRID_STREAMS = streams
     try:
         yield
     finally:
-        core.FLEX_KERNEL_OPTIONS, core.SDPA_PRIORITY, core.AUTO_MULTI_DOC_BACKEND = old
+        for n, val in old.items():
+            setattr(core, n, val)
+
+
+# ---------------------------------------------------------------------- Transformer Engine
+def te_available():
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        return True
+    except Exception as e:  # noqa: BLE001
+        print(f"Transformer Engine not importable: {type(e).__name__}: {e}"[:300], flush=True)
+        return False
+
+
+_TE_DPA = {}
+
+
+def te_thd(layout: DocumentLayout):
+    """fn(q, k, v) -> [s, b, hq*d]: TE's DotProductAttention, THD, padding_causal (cuDNN fused
+    attention; TE picks it: FlashAttention is not installed), cumulative lengths of the layout."""
+    import transformer_engine.pytorch as tep
+
+    cu = layout.cu_seqlens_flat()
+    m = layout.max_doc_len()
+
+    def fn(q, k, v):
+        s, b, hq, d = q.shape
+        hkv = k.shape[2]
+        key = (hq, hkv, d)
+        if key not in _TE_DPA:
+            _TE_DPA[key] = tep.DotProductAttention(
+                hq, d, num_gqa_groups=hkv, attention_dropout=0.0, qkv_format="thd",
+                attn_mask_type="padding_causal",
+            )
+        flat = lambda t: t.transpose(0, 1).reshape(b * s, t.shape[2], d)
+        o = _TE_DPA[key](flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                         max_seqlen_q=m, max_seqlen_kv=m)
+        return o.view(b, s, hq * d).transpose(0, 1)
+    return fn
 
 
 def rel(a, b):
@@ -116,16 +165,28 @@ def check(args, report):
         return out.detach(), qq.grad, kk.grad, vv.grad
 
     ref = run("reference", 1)
-    cases = [("flex", {}), ("varlen", {}), ("sdpa", {})]
+    cases = [("flex", {}), ("varlen", {}), ("sdpa", {}), ("hybrid", {"min_doc": 512}),
+             ("hybrid", {"min_doc": 512, "streams": 4}), ("auto", {})]
+    if args.te:
+        cases.append(("te_thd", {}))
     for cp in (1, 2):
         for backend, kw in cases:
-            name = backend + ("+cudnn" if kw else "")
+            if backend == "te_thd" and cp > 1:
+                continue
+            name = backend + "".join(f"[{a}={b}]" for a, b in kw.items())
             try:
-                got = run(backend, cp, **kw)
+                if backend == "te_thd":
+                    qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                    out = te_thd(layout)(qq, kk, vv)
+                    out.backward(go)
+                    got = (out.detach(), qq.grad, kk.grad, vv.grad)
+                else:
+                    got = run(backend, cp, **kw)
                 errs = [rel(a, b) for a, b in zip(got, ref)]
+                mad = [(a.float() - b.float()).abs().max().item() for a, b in zip(got, ref)]
                 ok = max(errs) < 3e-2
                 row = {"backend": name, "cp": cp, "out": errs[0], "dq": errs[1], "dk": errs[2],
-                       "dv": errs[3], "ok": ok}
+                       "dv": errs[3], "max_abs": mad, "ok": ok}
             except Exception as e:  # noqa: BLE001
                 row = {"backend": name, "cp": cp, "error": f"{type(e).__name__}: {e}"[:300],
                        "ok": False}
@@ -186,8 +247,15 @@ def main():
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--rep", type=int, default=1500)
     p.add_argument("--budget-s", type=float, default=520)
+    p.add_argument("--hybrid", default="512,1024,2048,4096",
+                   help="hybrid min_doc thresholds to time (multi-document layouts)")
+    p.add_argument("--streams", default="1024x2,2048x4",
+                   help="hybrid variants with side streams, MIN_DOCxSTREAMS")
+    p.add_argument("--te", choices=("auto", "yes", "no"), default="auto",
+                   help="time Transformer Engine's THD attention (auto: when importable)")
     p.add_argument("--out", default=None)
     args_g = p.parse_args()
+    args_g.te = args_g.te == "yes" or (args_g.te == "auto" and te_available())
     T0 = time.time()
     for key in ("recompile_limit", "cache_size_limit"):
         try:
@@ -197,7 +265,13 @@ def main():
     sections = args_g.sections.split(",")
     props = torch.cuda.get_device_properties(0)
     report = {"device": props.name, "torch": torch.__version__, "argv": sys.argv, "check": [],
-              "rows": []}
+              "rows": [], "fresh": [],
+              "knobs": {n: getattr(core, n) for n in _KNOBS + ("AUTO_MULTI_DOC_BACKEND",)}}
+    if args_g.te:
+        import transformer_engine
+
+        report["transformer_engine"] = transformer_engine.__version__
+        report["env"] = {k: v for k, v in os.environ.items() if k.startswith("NVTE_")}
     print(f"device {props.name}, torch {torch.__version__}, cuda {torch.version.cuda}", flush=True)
 
     if "check" in sections:
@@ -245,16 +319,59 @@ def main():
             plugin = lambda backend, lay=lay: (lambda q, k, v: attend_gathered(
                 q, k, v, lay, backend=backend))
             cases = []
-            for fv in args_g.flex.split(","):
+            if args_g.te:
+                cases.append(("TE_thd[cudnn]", "te", {}))
+            cases.append(("auto", "auto", {}))
+            for fv in filter(None, args_g.flex.split(",")):
                 cases.append((f"flex[{fv}]", "flex", {"flex_opts": FLEX_VARIANTS[fv]}))
             cases += [("varlen[fa2]", "varlen", {}),
-                      ("sdpa[per-doc]", "sdpa", {}),
-                      ("auto", "auto", {})]
+                      ("sdpa[per-doc]", "sdpa", {})]
+            if lname != "a_1doc":
+                for t in filter(None, args_g.hybrid.split(",")):
+                    cases.append((f"hybrid[min_doc={t}]", "hybrid", {"min_doc": int(t)}))
+                for st in filter(None, args_g.streams.split(",")):
+                    t, n = st.split("x")
+                    cases.append((f"hybrid[min_doc={t},streams={n}]", "hybrid",
+                                  {"min_doc": int(t), "streams": int(n)}))
             for name, backend, kw in cases:
-                def fn(q, k, v, backend=backend, kw=kw):
-                    with settings(**kw):
-                        return plugin(backend)(q, k, v)
-                time_case(report, "main", name, lname, fn, q, k, v, go, pairs, hq, d)
+                if backend == "te":
+                    fn = te_thd(lay)
+                else:
+                    def fn(q, k, v, backend=backend, kw=kw):
+                        with settings(**kw):
+                            return plugin(backend)(q, k, v)
+                extra = {"resolved": core.resolve_backend("auto", q.device, lay)} if \
+                    backend == "auto" else None
+                time_case(report, "main", name, lname, fn, q, k, v, go, pairs, hq, d, extra)
+
+    if "fresh" in sections:
+        # first call (fwd+bwd) on a layout never seen before: what a new micro-batch costs once
+        # (block mask, cuDNN graphs for new lengths, plans), to be spread over the layers
+        for mean, seeds in ((8192, (101, 102)), (2048, (201, 202))):
+            for seed in seeds:
+                lay = DocumentLayout.from_lengths([doc_lengths(seed, s, mean)], device="cuda")
+                pairs = useful_pairs(lay)
+                for name in (["te"] if args_g.te else []) + ["auto", "flex", "sdpa", "varlen"]:
+                    fn = te_thd(lay) if name == "te" else (
+                        lambda q, k, v, name=name, lay=lay: attend_gathered(q, k, v, lay,
+                                                                            backend=name))
+                    try:
+                        torch.cuda.synchronize()
+                        t0 = time.time()
+                        fn(q, k, v).backward(go)
+                        torch.cuda.synchronize()
+                        t1 = time.time()
+                        fn(q, k, v).backward(go)
+                        torch.cuda.synchronize()
+                        t2 = time.time()
+                        row = {"section": "fresh", "name": name, "layout": f"mean{mean}_s{seed}",
+                               "first_ms": round((t1 - t0) * 1e3, 1),
+                               "second_ms": round((t2 - t1) * 1e3, 1)}
+                    except Exception as e:  # noqa: BLE001
+                        row = {"section": "fresh", "name": name, "layout": f"mean{mean}_s{seed}",
+                               "error": f"{type(e).__name__}: {e}"[:300]}
+                    report["fresh"].append(row)
+                    print("fresh", json.dumps(row), flush=True)
 
     if "cp" in sections:
         del q, k, v, go
@@ -289,12 +406,17 @@ def main():
         if "error" in c:
             print(f"  {c['backend']:14s} cp={c['cp']}  ERROR {c['error'][:120]}")
         else:
-            print(f"  {c['backend']:14s} cp={c['cp']}  out {c['out']:.1e} dq {c['dq']:.1e} "
-                  f"dk {c['dk']:.1e} dv {c['dv']:.1e} {'ok' if c['ok'] else 'FAIL'}")
+            print(f"  {c['backend']:32s} cp={c['cp']}  out {c['out']:.1e} dq {c['dq']:.1e} "
+                  f"dk {c['dk']:.1e} dv {c['dv']:.1e} max|diff| {max(c['max_abs']):.1e} "
+                  f"{'ok' if c['ok'] else 'FAIL'}")
+    for r in report["fresh"]:
+        print(f"  fresh layout {r['layout']:14s} {r['name']:8s} " + (
+            f"first call {r['first_ms']:8.1f} ms, second {r['second_ms']:7.1f} ms"
+            if "error" not in r else f"ERROR {r['error'][:120]}"))
     print(f"\n== fwd+bwd TFLOP/s (3.5 x useful fwd FLOPs), {props.name} ==")
     print(f"layouts: {report.get('layouts')}")
     for r in report["rows"]:
-        tag = f"{r['section']:9s} {r['name']:26s} {r['layout']:9s}" + (
+        tag = f"{r['section']:9s} {r['name']:32s} {r['layout']:9s}" + (
             f" rank{r['rank']}" if "rank" in r else "")
         if "error" in r:
             print(f"  {tag} ERROR {r['error'][:150]}")
