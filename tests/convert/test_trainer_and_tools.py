@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from convert_helpers import hf_state, make_hf_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,9 +68,10 @@ def test_eval_long_score_tool(tmp_path):
     assert not (tmp_path / "bad_out.jsonl").exists()
 
 
-def test_score_with_tp2_and_cp2_matches_one_process(tmp_path):
-    """torchrun with 2 processes: TP=2 (vocabulary-parallel log-softmax) and CP=2 (zigzag split,
-    padding to 2 x CP) give the single-process log-probabilities."""
+@pytest.mark.parametrize("flag", ["--cp", "--tp"])
+def test_score_with_two_processes_matches_one_process(tmp_path, flag):
+    """torchrun with 2 processes: CP=2 (zigzag split, padding to 2 x CP) and TP=2 (vocabulary-parallel
+    log-softmax, the padding columns on rank 1) give the single-process log-probabilities."""
     from megatron_prolong.convert.hf import hf_to_mcore
     from megatron_prolong.eval.score import score_file
 
@@ -79,13 +82,12 @@ def test_score_with_tp2_and_cp2_matches_one_process(tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     score_file(tmp_path / "mc", tmp_path / "in.jsonl", tmp_path / "ref.jsonl")
     ref = [json.loads(x)["token_logprobs"] for x in (tmp_path / "ref.jsonl").read_text().splitlines()]
-    for flag in ("--tp", "--cp"):
-        out = tmp_path / f"out{flag}.jsonl"
-        res = _tool("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/eval_long.py",
-                    "score", flag, "2", "--checkpoint", str(tmp_path / "mc"), "--input", str(tmp_path / "in.jsonl"),
-                    "--output", str(out), "--chunk", "8")
-        assert res.returncode == 0, res.stderr[-3000:]
-        got = [json.loads(x)["token_logprobs"] for x in out.read_text().splitlines()]
-        for g, r in zip(got, ref, strict=True):
-            assert [x is None for x in g] == [x is None for x in r]
-            assert max(abs(a - b) for a, b in zip(g, r) if a is not None) < 1e-5, flag
+    out = tmp_path / "out.jsonl"
+    res = _tool("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/eval_long.py",
+                "score", flag, "2", "--checkpoint", str(tmp_path / "mc"), "--input", str(tmp_path / "in.jsonl"),
+                "--output", str(out), "--chunk", "8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = [json.loads(x)["token_logprobs"] for x in out.read_text().splitlines()]
+    for g, r in zip(got, ref, strict=True):
+        assert [x is None for x in g] == [x is None for x in r]
+        assert max(abs(a - b) for a, b in zip(g, r) if a is not None) < 1e-5
