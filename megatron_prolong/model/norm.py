@@ -12,5 +12,7 @@ import torch
 
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
-        super().__init__(normalized_shape=hidden_size, eps=eps)
+        # In the model's dtype like every Megatron parameter: the bf16 optimizer checkpoints only
+        # parameters it maps from the model's 16-bit groups.
+        super().__init__(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = bool(config.sequence_parallel)
