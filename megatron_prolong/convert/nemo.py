@@ -33,7 +33,7 @@ import yaml
 
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert import mcore
-from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, progress, tokenizer_files, warn
+from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, tokenizer_files, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
 
 NEMO2_PREFIX = "module."
@@ -362,4 +362,4 @@ def nemo1_to_mcore(src: str | Path, out: str | Path, *, dtype: str | None = None
     return out
 
 
-__all__ = ["nemo2_to_mcore", "mcore_to_nemo2", "nemo1_to_mcore", "safe_extract", "check_tar_members", "progress"]
+__all__ = ["nemo2_to_mcore", "mcore_to_nemo2", "nemo1_to_mcore", "safe_extract", "check_tar_members"]

@@ -140,8 +140,6 @@ def read_lines(path: str | Path) -> list[dict]:
 def score_file(checkpoint: str | Path, input_path: str | Path, output_path: str | Path, *, tp: int = 1, cp: int = 1,
                dtype: str | None = None, chunk: int = 2048) -> int:
     """Score every line; data-parallel ranks split the lines, rank 0 writes the output (atomically)."""
-    from megatron.core import parallel_state
-
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.convert.mcore import megatron_session
     from megatron_prolong.eval.model import load_eval_model
@@ -169,7 +167,6 @@ def score_file(checkpoint: str | Path, input_path: str | Path, output_path: str 
             _write_rows(output_path, rows, results)
         if dist.is_initialized():
             dist.barrier()
-        del parallel_state
     return len(rows)
 
 
