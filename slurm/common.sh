@@ -21,11 +21,13 @@
 #                      memory (/dev/shm/NNNNNN_*) this job's user created after the job started
 #   SRUN_EXTRA_ARGS    extra srun arguments for the training step (word-split)
 #   TASK_EXIT_WAIT     seconds srun waits for the other tasks once one has exited (default 300)
+#   PROLONG_RESIGNAL   seconds between repeats of a forwarded USR1 until the step ends (default 30)
 #   PROLONG_REQUEUE    1 (default): requeue the job when training exits with 75 (checkpointed)
 #   PROLONG_MAX_RESTARTS  stop requeueing after this many restarts (default: no limit)
 
 PROLONG_REQUEUE_EXIT_CODE=75  # megatron_prolong.train.preemption.REQUEUE_EXIT_CODE
 PROLONG_SRUN_PID=""
+PROLONG_RESENDER_PID=""
 PROLONG_SIGNALLED=0     # a signal arrived during the current wait
 PROLONG_GOT_USR1=0      # a preemption / time-limit warning was forwarded
 PROLONG_GOT_TERM=0      # Slurm is tearing the job down (scancel, preemption without requeue)
@@ -103,8 +105,12 @@ prolong_init() {
 # ---- signals -------------------------------------------------------------------------------------
 # Bash runs a trap only between commands, so every long command runs as `cmd & wait`.
 # USR1 (the --signal=B:USR1@<s> warning, or `scancel --signal=USR1 --batch`) and TERM are both
-# forwarded as USR1 to srun, which passes it to every task: the trainer checkpoints at the next
+# forwarded as USR1 to every training process (prolong_forward_usr1): the trainer checkpoints at the next
 # step boundary and exits 75. After a TERM the job is being ended by Slurm, so it is not requeued.
+# The tasks start with USR1 ignored (a USR1 during imports and model building would otherwise
+# kill them: Slurm may send the time-limit warning up to a minute early) until the trainer
+# installs its handler; so the forwarded USR1 is repeated every PROLONG_RESIGNAL seconds until
+# the step ends.
 prolong_on_signal() {
     PROLONG_SIGNALLED=1
     case $1 in
@@ -113,9 +119,39 @@ prolong_on_signal() {
     esac
     if [[ -n "$PROLONG_SRUN_PID" ]] && kill -0 "$PROLONG_SRUN_PID" 2>/dev/null; then
         prolong_log "got SIG$1: asking the training processes to checkpoint and stop (USR1)"
-        kill -USR1 "$PROLONG_SRUN_PID" 2>/dev/null || true
+        prolong_forward_usr1
+        if [[ -z "$PROLONG_RESENDER_PID" ]]; then
+            (
+                trap '' USR1 USR2 INT HUP
+                trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+                while :; do
+                    sleep "${PROLONG_RESIGNAL:-30}" &
+                    nap=$!
+                    wait "$nap"
+                    kill -0 "$PROLONG_SRUN_PID" 2>/dev/null || exit 0
+                    prolong_forward_usr1
+                done
+            ) &
+            PROLONG_RESENDER_PID=$!
+        fi
     else
         prolong_log "got SIG$1 before the training processes started"
+    fi
+}
+
+# USR1 to the main process of every task of the running step(s), on every node, and to nothing
+# else: not through srun, which would signal every process of the step, including Megatron's
+# checkpoint-writer helpers (spawned processes, default disposition: USR1 kills them, and the
+# checkpoint that the signal asks for then fails). `scontrol listpids` marks a task's own process
+# with its local id; its children have "-".
+prolong_forward_usr1() {
+    # shellcheck disable=SC2016  # expanded by the per-node bash
+    local script='scontrol listpids "$1" 2>/dev/null | awk -v own="${SLURM_STEP_ID:-none}" '"'"'NR > 1 && $3 ~ /^[0-9]+$/ && $3 != own && $4 != "-" { print $1 }'"'"' | xargs -r kill -USR1 2>/dev/null; true'
+    if (( NNODES > 1 )); then
+        srun --overlap --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 \
+            bash -c "$script" prolong-signal "$SLURM_JOB_ID" >/dev/null 2>&1 || true
+    else
+        bash -c "$script" prolong-signal "$SLURM_JOB_ID" || true
     fi
 }
 
@@ -131,6 +167,11 @@ prolong_run_bg() {
         (( PROLONG_SIGNALLED )) || break
     done
     PROLONG_SRUN_PID=""
+    if [[ -n "$PROLONG_RESENDER_PID" ]]; then
+        kill "$PROLONG_RESENDER_PID" 2>/dev/null || true
+        wait "$PROLONG_RESENDER_PID" 2>/dev/null || true
+        PROLONG_RESENDER_PID=""
+    fi
 }
 
 # ---- steps ---------------------------------------------------------------------------------------
@@ -151,11 +192,13 @@ prolong_srun_all() {
     [[ -n "${SRUN_EXTRA_ARGS:-}" ]] && extra=(${SRUN_EXTRA_ARGS})
     prolong_log "launching $ntasks processes ($NNODES node(s) x $GPUS_PER_NODE, $CPUS_PER_TASK CPUs each)," \
         "rendezvous $MASTER_ADDR:$MASTER_PORT${CONTAINER_IMAGE:+, container $CONTAINER_IMAGE}"
+    # USR1 is ignored until the trainer installs its handler (an ignored signal stays ignored
+    # across exec; Python's signal.signal replaces it).
     # shellcheck disable=SC2016  # $TMPDIR and $@ expand in the task's bash
     prolong_run_bg srun --nodes="$NNODES" --ntasks="$ntasks" --ntasks-per-node="$GPUS_PER_NODE" \
         --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-300}" --label \
         "${PROLONG_CONTAINER_ARGS[@]}" "${extra[@]}" \
-        bash -c 'mkdir -p "$TMPDIR" && exec "$@"' prolong-task "$@"
+        bash -c 'trap "" USR1; mkdir -p "$TMPDIR" && exec "$@"' prolong-task "$@"
 }
 
 # ---- run dir and logs ----------------------------------------------------------------------------
@@ -234,7 +277,7 @@ prolong_finish() {
     elif (( PROLONG_GOT_TERM )); then
         prolong_log "exit $rc after SIGTERM: the job is being ended by Slurm; not requeueing" \
             "(resubmitting the same command resumes from the latest checkpoint)"
-    elif (( rc == PROLONG_REQUEUE_EXIT_CODE )) || (( PROLONG_GOT_USR1 && rc != 2 )); then
+    elif (( rc == PROLONG_REQUEUE_EXIT_CODE )); then
         requeue=1
     else
         prolong_log "training failed (exit $rc)"
