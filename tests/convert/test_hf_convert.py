@@ -107,6 +107,11 @@ def test_sharded_output_and_bf16(tmp_path):
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16"
     assert not list(tmp_path.glob(".*tmp*"))
+    # A sharded folder (index + shards) converts in again, still bf16 and unchanged.
+    hf_to_mcore(tmp_path / "back", tmp_path / "mc2")
+    mcore_to_hf(tmp_path / "mc2", tmp_path / "back2")
+    c = hf_state(tmp_path / "back2")
+    assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 def test_score_packed_line_equals_documents_alone(tmp_path):
