@@ -6,8 +6,9 @@ in attention kernels (cuDNN fused THD vs the plugin's cuDNN/flex calls) and in w
 rounding happens (TE's fused norm+linear layers), so per-step losses agree to bf16 accuracy, not
 bitwise. bf16 has an 8-bit significand (relative rounding 2^-8 = 3.9e-3 per value); the losses
 are means over thousands of tokens, so at step 1 they agree to a few 1e-3, and the small
-differences in the weights grow slowly over a short run. Tolerance: 2e-2 relative per step over
-20 steps, and 5e-3 at step 1 (measured values are recorded in docs/benchmarks.md).
+differences in the weights grow slowly over a short run. Tolerance: 5e-3 relative per step over
+20 steps, and 1e-3 at step 1. Measured on an H100 (docs/benchmarks.md): 1.7e-6 at step 1,
+at most 7.3e-4.
 """
 
 from __future__ import annotations
@@ -35,5 +36,5 @@ def test_te_and_plugin_losses_match(tmp_path):
     rel = [abs(a - b) / b for a, b in zip(te.losses, plugin.losses)]
     print("per-step relative loss difference TE vs plugin:", " ".join(f"{r:.2e}" for r in rel))
     assert len(rel) == 20
-    assert rel[0] < 5e-3, rel
-    assert max(rel) < 2e-2, rel
+    assert rel[0] < 1e-3, rel
+    assert max(rel) < 5e-3, rel
