@@ -2,8 +2,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A Python >= 3.12: python3.12 on PATH, else pyenv's newest 3.12/3.13.
-PYTHON ?= $(shell command -v python3.12 || (command -v pyenv >/dev/null && for v in 3.12 3.13; do p=$$(pyenv root)/versions/$$(pyenv versions --bare | grep -E "^$$v(\.|$$)" | tail -1)/bin/python; [ -x "$$p" ] && echo $$p && break; done))
+# A Python >= 3.12 that actually runs: python3.12/3.13/python3 on PATH (a pyenv shim may exist
+# without the version being active), else pyenv's installed 3.12+.
+PYTHON ?= $(shell for p in python3.12 python3.13 python3 $$(pyenv root 2>/dev/null)/versions/3.1[2-9]*/bin/python; do \
+	if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$p; break; fi; done)
 TEST_ARGS ?=
 
 .PHONY: venv demo test clean-venv
