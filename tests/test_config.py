@@ -85,3 +85,14 @@ def test_cfg_job_prints_resolved_config_without_training(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "rope_base: 500000.0" in proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_layout_that_cannot_fit_is_refused_with_the_estimate(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_prolong.train", f"run.dir={tmp_path}/run", "experiment=prolong_512k",
+         "tokenizer.path=/models/llama3", "parallel.tp=1", "parallel.cp=8", "parallel.sequence_parallel=false"],
+        capture_output=True, text=True, timeout=120, env={"WORLD_SIZE": "64", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "does not fit in GPU memory at data.seq_length=524288" in proc.stderr and "GiB" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -36,6 +36,12 @@ def test_distributed_optimizer_matches(baseline, run_training):
     assert_losses_close(run.losses, baseline)
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_recompute_matches(baseline, run_training, mode):
+    run = run_training(*PARITY, f"train.recompute={mode}")
+    assert_losses_close(run.losses, baseline)
+
+
 def test_per_document_positions_match_continuous(baseline, run_training):
     """RoPE is relative, so with document masking restarting positions per document is the same function."""
     run = run_training(*PARITY, "model.rope_positions=per_document")
