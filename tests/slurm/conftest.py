@@ -1,5 +1,6 @@
 """Fixtures for the Slurm launch tests: one private Slurm cluster for the whole session.
 
+Two virtual nodes (two slurmd on this host) so that multi-node launches are tested too.
 The tests need Debian's Slurm (slurmctld, slurmd, slurm-client) and munge, installed by
 .ci/slurm_setup.sh; without them they are skipped with that reason (CI installs them, so there
 they run). The cluster is started here and stopped (jobs cancelled, daemons stopped by pid) when
@@ -25,7 +26,7 @@ def slurm_cluster():
         pytest.skip(f"Slurm/munge binaries not installed ({', '.join(missing)}): run .ci/slurm_setup.sh")
     if os.getuid() != 0:
         pytest.skip("slurmd must run as root to start jobs: run the Slurm tests as root (CI does)")
-    cluster = SlurmCluster().start()
+    cluster = SlurmCluster(nodes=2).start()  # two virtual nodes on this host, for multi-node launches
     try:
         yield cluster
     finally:

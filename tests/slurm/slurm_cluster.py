@@ -6,7 +6,8 @@ system-wide Slurm or munge and several can run side by side. No systemd, no cgro
 proctrack/linuxproc, task/none. ``stop()`` cancels every job, waits for the job processes to
 end, then stops slurmd, slurmctld and munged by the pids they wrote.
 
-Run by hand to get a cluster to play with: ``python tests/slurm/slurm_cluster.py`` (Ctrl-C stops it).
+Run by hand to get a cluster to play with: ``python tests/slurm/slurm_cluster.py [NODES]``
+(Ctrl-C stops it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,15 +64,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 class SlurmCluster:
-    """One node named after this host (NodeAddr 127.0.0.1), one partition ``test``."""
+    """Nodes on this host (NodeAddr 127.0.0.1), one partition ``test``.
 
-    def __init__(self, root: Path | None = None) -> None:
+    ``nodes=1``: one node named after the host. ``nodes=N``: N virtual nodes ``<host>-1`` ..
+    ``<host>-N``, one slurmd each on its own port (Slurm's multiple-slurmd mode), each with all
+    of this host's CPUs, so multi-node launches can be tested on one machine.
+    """
+
+    def __init__(self, root: Path | None = None, nodes: int = 1) -> None:
+        self.num_nodes = nodes
+        self.nodes: list[str] = []
         self._owns_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="prolong-slurm-"))
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.pids: dict[str, Path] = {
-            "slurmd": self.root / "slurmd.pid",
             "slurmctld": self.root / "slurmctld.pid",
             "munged": self.root / "munge" / "munged.pid",
         }
@@ -87,8 +95,9 @@ class SlurmCluster:
             self._start_munge()
             self._write_conf()
             self._start_daemon("slurmctld", [which("slurmctld"), "-f", str(self.conf)])
-            self._start_daemon("slurmd", [which("slurmd"), "-f", str(self.conf), "-N", self.node])
-            self._wait_node_idle()
+            for node in self.nodes:
+                self._start_daemon(f"slurmd:{node}", [which("slurmd"), "-f", str(self.conf), "-N", node])
+            self._wait_nodes_idle()
         except BaseException:
             self.stop()
             raise
@@ -119,16 +128,26 @@ class SlurmCluster:
         self._wait(lambda: self.munge_socket.exists(), "munged socket", self.root / "munge" / "munged.log")
 
     def _write_conf(self) -> None:
-        self.node = socket.gethostname().split(".")[0]
+        self.host = socket.gethostname().split(".")[0]
         probe = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True, check=True)
-        node_line = probe.stdout.splitlines()[0]  # NodeName=... CPUs=... RealMemory=...
-        self.cpus = int(node_line.split("CPUs=")[1].split()[0])
+        hw = probe.stdout.splitlines()[0].split(None, 1)[1]  # CPUs=... RealMemory=... (after NodeName=)
+        self.cpus = int(hw.split("CPUs=")[1].split()[0])
+        if self.num_nodes == 1:
+            self.nodes = [self.host]
+            node_lines = f"NodeName={self.host} {hw} NodeAddr=127.0.0.1 State=UNKNOWN"
+        else:
+            self.nodes = [f"{self.host}-{i}" for i in range(1, self.num_nodes + 1)]
+            node_lines = "\n".join(
+                f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} {hw} State=UNKNOWN"
+                for n in self.nodes)
+        for node in self.nodes:
+            self.pids[f"slurmd:{node}"] = self.root / f"slurmd-{node}.pid"
         user = pwd.getpwuid(os.getuid()).pw_name
         for d in ("state", "spool", "logs"):
             (self.root / d).mkdir()
         self.conf.write_text(f"""\
 ClusterName=prolongtest{os.getpid()}
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser={user}
@@ -137,11 +156,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={self.root / 'state'}
-SlurmdSpoolDir={self.root / 'spool'}
+SlurmdSpoolDir={self.root / 'spool' / '%n'}
 SlurmctldPidFile={self.pids['slurmctld']}
-SlurmdPidFile={self.pids['slurmd']}
+SlurmdPidFile={self.root / 'slurmd-%n.pid'}
 SlurmctldLogFile={self.root / 'logs' / 'slurmctld.log'}
-SlurmdLogFile={self.root / 'logs' / 'slurmd.log'}
+SlurmdLogFile={self.root / 'logs' / 'slurmd-%n.log'}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -158,8 +177,8 @@ EnforcePartLimits=ALL
 KillWait=10
 MinJobAge=600
 JobRequeue=1
-{node_line} NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=test Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _run_daemon(self, name: str, cmd: list[str]) -> None:
@@ -170,14 +189,15 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def _start_daemon(self, name: str, cmd: list[str]) -> None:
         self._run_daemon(name, cmd)  # both daemonise and write their pid file
-        log = self.root / "logs" / f"{name}.log"
+        log = self.root / "logs" / f"{name.replace(':', '-')}.log"
         self._wait(lambda: self.pids[name].exists() and self.pids[name].read_text().strip(), f"{name} pid file", log)
 
-    def _wait_node_idle(self, timeout: float = 60) -> None:
+    def _wait_nodes_idle(self, timeout: float = 60) -> None:
         def ready() -> bool:
-            out = self.scontrol("show", "node", self.node, check=False)
-            return "State=IDLE" in out
-        self._wait(ready, f"node {self.node} idle", self.root / "logs" / "slurmctld.log", timeout)
+            out = self.cmd("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split()
+            states = dict(zip(out[::2], out[1::2]))
+            return all(states.get(n) == "idle" for n in self.nodes)
+        self._wait(ready, f"nodes {self.nodes} idle", self.root / "logs" / "slurmctld.log", timeout)
 
     def _wait(self, cond, what: str, log: Path | None = None, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -223,14 +243,16 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     # -- stop ------------------------------------------------------------------------------------
     def _job_pids(self) -> list[int]:
-        if "slurmd" not in self.started:
+        if not any(n.startswith("slurmd") for n in self.started):
             return []
-        proc = self.cmd("scontrol", "listpids", check=False, timeout=20)
         pids = []
-        for line in proc.stdout.splitlines()[1:]:
-            tok = line.split()
-            if tok and tok[0].isdigit():
-                pids.append(int(tok[0]))
+        for node in self.nodes:
+            env = dict(self.env, SLURMD_NODENAME=node)  # which slurmd to ask (multiple-slurmd)
+            proc = self.cmd("scontrol", "listpids", check=False, timeout=20, env=env)
+            for line in proc.stdout.splitlines()[1:]:
+                tok = line.split()
+                if tok and tok[0].isdigit():
+                    pids.append(int(tok[0]))
         return pids
 
     def stop(self) -> None:
@@ -254,7 +276,7 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                     os.kill(pid, signal.SIGKILL)
         except Exception:  # noqa: BLE001
             pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [n for n in self.started if n.startswith("slurmd:")] + ["slurmctld", "munged"]:
             if name not in self.started:
                 continue
             path = self.pids[name]
@@ -286,7 +308,7 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
 
 if __name__ == "__main__":
-    cluster = SlurmCluster().start()
+    cluster = SlurmCluster(nodes=int(sys.argv[1]) if len(sys.argv) > 1 else 1).start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

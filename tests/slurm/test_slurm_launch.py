@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slurm
 
 def _env(cluster, **extra: str) -> dict[str, str]:
     env = dict(cluster.env)
-    env.update(GPUS_PER_NODE="2", VENV=sys.prefix, PYTHONUNBUFFERED="1")
+    # OMP_NUM_THREADS=1: the virtual nodes share 2 cores.
+    env.update(GPUS_PER_NODE="2", VENV=sys.prefix, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PROLONG_DIR"):
         env.pop(key, None)
     env.update(extra)
@@ -115,36 +116,31 @@ def test_cpt_trains_with_two_processes(slurm_cluster, reference):
     assert not Path(f"/tmp/prolong-{cluster_name}-{job}").exists()
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, reference, tmp_path):
+@pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1)], ids=["1node-x2", "2nodes-x1"])
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, reference, tmp_path, nodes, per_node):
+    """Single node: the script signals the tasks itself; two nodes: through a step on each node."""
     run_dir = tmp_path / "run"
-    # sbatch --wait through the requeue: it must return only when the job is done for good.
-    proc = subprocess.Popen(
-        [shutil.which("sbatch") or "sbatch", "--parsable", "--wait", *CPU_NODE, str(REPO / "slurm" / "cpt.sh"),
-         f"run.dir={run_dir}", *TINY],
-        cwd=tmp_path, env=_env(slurm_cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        job = int(proc.stdout.readline().strip().split(";")[0])
-        out = tmp_path / f"prolong-cpt-{job}.out"
-        log = run_dir / "logs" / f"prolong-cpt-{job}.log"
-        deadline = time.monotonic() + 240
-        # After the first checkpoint (step 4): Megatron's checkpoint-writer helper processes exist
-        # then, and the signal must reach the training processes without killing them.
-        while len(metrics(run_dir)) < 5:
-            assert time.monotonic() < deadline, explain(slurm_cluster, job, out)
-            assert proc.poll() is None, explain(slurm_cluster, job, out)
-            time.sleep(0.2)
-        slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job))
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    info = slurm_cluster.job(job)
+    # Polled with scontrol rather than sbatch --wait, whose polling interval grows to 32 s (sbatch
+    # --wait did return only after the requeued job finished, with 0, when this test used it).
+    job = sbatch(slurm_cluster, tmp_path, "cpt.sh", f"run.dir={run_dir}", *TINY,
+                 sbatch_args=(f"--nodes={nodes}", "--gpus-per-node=0", f"--ntasks-per-node={per_node}"),
+                 env=_env(slurm_cluster, GPUS_PER_NODE=str(per_node)))
+    out = tmp_path / f"prolong-cpt-{job}.out"
+    log = run_dir / "logs" / f"prolong-cpt-{job}.log"
+    deadline = time.monotonic() + 240
+    # After the first checkpoint (step 4): Megatron's checkpoint-writer helper processes exist
+    # then, and the signal must reach the training processes without killing them.
+    while len(metrics(run_dir)) < 5:
+        assert time.monotonic() < deadline, explain(slurm_cluster, job, out)
+        assert slurm_cluster.job(job)["JobState"] in {"PENDING", "CONFIGURING", "RUNNING"}, \
+            explain(slurm_cluster, job, out)
+        time.sleep(0.2)
+    slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job))
+    info = slurm_cluster.wait_job(job, timeout=300, poll=0.3)
     context = explain(slurm_cluster, job, out)
-    assert rc == 0, context
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", context
     text = log.read_text()
+    assert f"launching 2 processes ({nodes} node(s) x {per_node}" in text, context
     assert "got SIGUSR1" in text, context
     stopped = int(text.split("SIGUSR1: checkpointed at step ")[1].split(";")[0])
     assert 5 <= stopped < 12, context
@@ -176,12 +172,10 @@ def test_unknown_key_fails_before_launch(slurm_cluster, tmp_path, script):
 def test_invalid_config_fails_fast_with_exit_2(slurm_cluster, tmp_path):
     # Composes, but is invalid for 2 processes: the trainer says so on every rank and exits 2.
     # run.dir comes from Hydra (run.name), relative to the submit folder.
-    proc = sbatch(slurm_cluster, tmp_path, "cpt.sh", "run.name=badtp", "parallel.tp=3", *TINY, wait=True)
-    job = job_id_of(proc)
+    job, rc = run_job(slurm_cluster, tmp_path, "cpt.sh", "run.name=badtp", "parallel.tp=3", *TINY)
     log = tmp_path / "outputs" / "badtp" / "logs" / f"prolong-cpt-{job}.log"
     context = explain(slurm_cluster, job, tmp_path / f"prolong-cpt-{job}.out", log)
-    assert proc.returncode == 2, context
-    assert slurm_cluster.job(job)["ExitCode"] == "2:0"
+    assert rc == 2, context
     text = log.read_text()
     assert "megatron-prolong: invalid configuration: parallel.tp" in text, context
     assert "training failed (exit 2)" in text and "requeue" not in text
