@@ -1,53 +1,10 @@
-"""Shared fixtures: launching the real trainer as a subprocess (torchrun for several processes)."""
+"""Shared fixtures."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-class TrainingRun:
-    def __init__(self, run_dir: Path, proc: subprocess.CompletedProcess) -> None:
-        self.dir = run_dir
-        self.proc = proc
-        self.output = proc.stdout + proc.stderr
-
-    @property
-    def metrics(self) -> list[dict]:
-        path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    @property
-    def losses(self) -> list[float]:
-        return [m["loss"] for m in self.metrics]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
-    return env
-
-
-def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 900) -> TrainingRun:
-    """Run ``python -m megatron_prolong.train`` (under torchrun when nproc > 1)."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "megatron_prolong.train"]
-    else:
-        cmd = [sys.executable, "-m", "megatron_prolong.train"]
-    cmd += [f"run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    run = TrainingRun(run_dir, proc)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{run.output[-6000:]}")
-    return run
+from trainrun import TrainingRun, train
 
 
 @pytest.fixture
@@ -58,16 +15,3 @@ def run_training(tmp_path):
         return train(tmp_path / f"run{next(counter)}", *overrides, nproc=nproc, check=check)
 
     return _run
-
-
-# Small, fast, float32 runs for comparing parallel layouts step by step.
-PARITY = (
-    "train.steps=4", "data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
-    "train.precision=fp32", "log.tensorboard=false", "checkpoint.save_interval=0",
-)
-
-
-def assert_losses_close(a: list[float], b: list[float], rel: float = 1e-4) -> None:
-    assert len(a) == len(b) and a, (a, b)
-    for step, (x, y) in enumerate(zip(a, b), start=1):
-        assert abs(x - y) <= rel * abs(y), f"step {step}: {x} vs {y} (rel diff {abs(x - y) / abs(y):.2e})"

@@ -118,7 +118,7 @@ def test_long_pieces_packed_several_per_sequence(tmp_path):
 
 
 def test_indexed_domain_in_a_mixture(tmp_path, mds):
-    from conftest import packed_samples
+    from data_helpers import packed_samples
 
     mds("m", packed_samples(10, S, tag=7))
     write_indexed(str(tmp_path / "ix"), [np.full(n, 5, dtype=np.int64) for n in [30, 50, 70, 90, 40]])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import packed_samples
+from data_helpers import packed_samples
 from megatron_prolong.data.config import DataConfig, DomainConfig
 from megatron_prolong.data.loader import MixtureLoader, sequence_cost
 

@@ -17,7 +17,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import train
+from trainrun import train
 
 pytestmark = [
     pytest.mark.gpu,

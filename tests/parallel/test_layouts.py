@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PARITY, assert_losses_close
+from trainrun import PARITY, assert_losses_close
 
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    from conftest import train
+    from trainrun import train
 
     return train(tmp_path_factory.mktemp("baseline") / "run", *PARITY).losses
 

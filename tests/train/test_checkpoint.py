@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, _env, assert_losses_close, train
+from trainrun import REPO, _env, assert_losses_close, train
 
 SMALL = ("data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
          "train.precision=fp32", "log.tensorboard=false")

@@ -10,7 +10,7 @@ import yaml
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from conftest import train
+    from trainrun import train
 
     return train(tmp_path_factory.mktemp("demo") / "run")
 
@@ -44,7 +44,7 @@ def test_run_dir_holds_everything(demo):
 
 
 def test_rerun_of_a_finished_run_does_nothing(demo):
-    from conftest import train
+    from trainrun import train
 
     again = train(demo.dir)
     assert "already complete" in again.output
