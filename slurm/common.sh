@@ -238,8 +238,12 @@ prolong_resolve_run_dir() {
 # From here on, everything the script and the processes print also goes to <run dir>/logs/.
 prolong_log_to_run_dir() {
     local logdir=$PROLONG_RUN_DIR/logs
-    mkdir -p "$logdir"
     PROLONG_LOG=$logdir/${SLURM_JOB_NAME:-$PROLONG_JOB_KIND}-$SLURM_JOB_ID.log
+    if ! mkdir -p "$logdir" 2>/dev/null || ! touch "$PROLONG_LOG" 2>/dev/null; then
+        prolong_log "cannot write $PROLONG_LOG; logging to the job's output file only" >&2
+        PROLONG_LOG="(none)"
+        return 0
+    fi
     # Keep the job's own stdout/stderr (the sbatch --output file) to return to at the end.
     exec {PROLONG_STDOUT_FD}>&1 {PROLONG_STDERR_FD}>&2
     # tee ignores the job's signals (scancel --full signals every process of the batch step).

@@ -11,8 +11,9 @@
 # Preemption and time limits: at --signal=B:USR1@<s> (or `scancel --signal=USR1 --batch <job>`)
 # the training processes checkpoint at the next step boundary and exit 75; this script then
 # requeues the job, and the requeued job resumes from the latest checkpoint in run.dir (so does
-# resubmitting the same command). A plain `scancel` also checkpoints if KillWait allows, but
-# does not requeue.
+# resubmitting the same command). USR1 goes to the training processes only (not to Megatron's
+# helper processes), so prefer B: and --batch over signals Slurm sends to every process of a
+# step. A plain `scancel` ends the job without requeue.
 #
 # Environment (all optional; defaults in slurm/common.sh):
 #   GPUS_PER_NODE=8        processes per node (default: --ntasks-per-node). On nodes without
