@@ -166,7 +166,10 @@ def check(args, report):
 
     ref = run("reference", 1)
     cases = [("flex", {}), ("varlen", {}), ("sdpa", {}), ("hybrid", {"min_doc": 512}),
-             ("hybrid", {"min_doc": 512, "streams": 4}), ("auto", {})]
+             ("hybrid", {"min_doc": 512, "streams": 4}), ("auto", {}), ("cudnn", {})]
+    keep = set(filter(None, args.check_backends.split(",")))
+    if keep:
+        cases = [c for c in cases if c[0] in keep]
     if args.te:
         cases.append(("te_thd", {}))
     for cp in (1, 2):
@@ -188,10 +191,45 @@ def check(args, report):
                 row = {"backend": name, "cp": cp, "out": errs[0], "dq": errs[1], "dk": errs[2],
                        "dv": errs[3], "max_abs": mad, "ok": ok}
             except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
                 row = {"backend": name, "cp": cp, "error": f"{type(e).__name__}: {e}"[:300],
                        "ok": False}
             report["check"].append(row)
             print("check", json.dumps(row), flush=True)
+    if "cudnn" in [c[0] for c in cases]:
+        check_cudnn_odd(report)
+
+
+def check_cudnn_odd(report):
+    """backend cudnn on 2 rows of 1000 tokens (b > 1, token count not a multiple of 64,
+    documents spanning a whole row, one-token documents), fresh inputs, vs the reference."""
+    s, b, hq, hkv, d = 1000, 2, 8, 2, 128
+    lengths = [[1, 999], [300, 1, 1, 500, 198]]
+    layout = DocumentLayout.from_lengths(lengths, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    mk = lambda h: torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = mk(hq), mk(hkv), mk(hkv)
+    go = torch.randn(s, b, hq * d, device="cuda", dtype=torch.bfloat16, generator=g)
+    res = {}
+    for backend in ("reference", "cudnn"):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        try:
+            out = attend_gathered(qq, kk, vv, layout, backend=backend)
+            out.backward(go)
+            res[backend] = (out.detach(), qq.grad, kk.grad, vv.grad)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            res[backend] = f"{type(e).__name__}: {e}"[:300]
+    if isinstance(res["cudnn"], str):
+        row = {"backend": "cudnn[b=2,s=1000]", "cp": 1, "error": res["cudnn"], "ok": False}
+    else:
+        errs = [rel(a, r) for a, r in zip(res["cudnn"], res["reference"])]
+        mad = [(a.float() - r.float()).abs().max().item()
+               for a, r in zip(res["cudnn"], res["reference"])]
+        row = {"backend": "cudnn[b=2,s=1000]", "cp": 1, "out": errs[0], "dq": errs[1],
+               "dk": errs[2], "dv": errs[3], "max_abs": mad, "ok": max(errs) < 3e-2}
+    report["check"].append(row)
+    print("check", json.dumps(row), flush=True)
 
 
 # ---------------------------------------------------------------------- timing
@@ -253,6 +291,12 @@ def main():
                    help="hybrid variants with side streams, MIN_DOCxSTREAMS")
     p.add_argument("--te", choices=("auto", "yes", "no"), default="auto",
                    help="time Transformer Engine's THD attention (auto: when importable)")
+    p.add_argument("--cases", default="",
+                   help="main section: only these case names (';'-separated; empty: all)")
+    p.add_argument("--layouts", default="", help="main section: only these layouts")
+    p.add_argument("--check-backends", default="", help="check section: only these backends")
+    p.add_argument("--fresh", default="auto,flex,sdpa,varlen,cudnn",
+                   help="fresh section: backends")
     p.add_argument("--out", default=None)
     args_g = p.parse_args()
     args_g.te = args_g.te == "yes" or (args_g.te == "auto" and te_available())
@@ -325,7 +369,8 @@ def main():
             for fv in filter(None, args_g.flex.split(",")):
                 cases.append((f"flex[{fv}]", "flex", {"flex_opts": FLEX_VARIANTS[fv]}))
             cases += [("varlen[fa2]", "varlen", {}),
-                      ("sdpa[per-doc]", "sdpa", {})]
+                      ("sdpa[per-doc]", "sdpa", {}),
+                      ("cudnn[thd]", "cudnn", {})]
             if lname != "a_1doc":
                 for t in filter(None, args_g.hybrid.split(",")):
                     cases.append((f"hybrid[min_doc={t}]", "hybrid", {"min_doc": int(t)}))
@@ -333,6 +378,11 @@ def main():
                     t, n = st.split("x")
                     cases.append((f"hybrid[min_doc={t},streams={n}]", "hybrid",
                                   {"min_doc": int(t), "streams": int(n)}))
+            keep = set(filter(None, args_g.cases.split(";")))
+            if keep:
+                cases = [c for c in cases if c[0] in keep]
+            if args_g.layouts and lname not in args_g.layouts.split(","):
+                continue
             for name, backend, kw in cases:
                 if backend == "te":
                     fn = te_thd(lay)
@@ -351,7 +401,7 @@ def main():
             for seed in seeds:
                 lay = DocumentLayout.from_lengths([doc_lengths(seed, s, mean)], device="cuda")
                 pairs = useful_pairs(lay)
-                for name in (["te"] if args_g.te else []) + ["auto", "flex", "sdpa", "varlen"]:
+                for name in (["te"] if args_g.te else []) + args_g.fresh.split(","):
                     fn = te_thd(lay) if name == "te" else (
                         lambda q, k, v, name=name, lay=lay: attend_gathered(q, k, v, lay,
                                                                             backend=name))
@@ -426,6 +476,19 @@ def main():
                 extra = f"  {r['ms'] / r['local_tokens'] * 1e3:.3f} us/token"
             print(f"  {tag} {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s"
                   f" (first call {r['first_call_s']} s){extra}")
+    if "megatron_prolong.attention.cudnn_thd" in sys.modules:
+        from megatron_prolong.attention import cudnn_thd
+
+        report["cudnn_graphs"] = [str(k) for k in cudnn_thd._GRAPHS]
+        try:
+            import cudnn
+
+            report["cudnn_frontend"] = getattr(cudnn, "__version__", "?")
+            report["cudnn_backend"] = cudnn.backend_version()
+        except Exception:  # noqa: BLE001
+            pass
+        print(f"cudnn-frontend {report.get('cudnn_frontend')}, cuDNN {report.get('cudnn_backend')},"
+              f" graphs built: {report['cudnn_graphs']}")
     stats = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats",)}
     report["dynamo"] = stats
     print(f"dynamo counters: {stats}; total {time.time() - T0:.0f} s")

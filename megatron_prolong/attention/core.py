@@ -29,15 +29,21 @@ Backends:
   :data:`HYBRID_STREAMS` side streams; the shorter ones are packed into one
   :data:`HYBRID_SHORT_BACKEND` call (``varlen``; ``reference`` off CUDA). Tokens are split per
   document with ``torch.split`` and re-joined with one ``cat``. Under CP it runs ``flex``.
-- ``auto``: the fastest path measured per layout (H100, docs/benchmarks.md, 2026-11-24, same run
-  as TE 2.20 THD): CPU -> ``reference``; CUDA, CP = 1, one document per row -> ``sdpa`` (one
-  causal cuDNN call, 540 TFLOP/s vs TE 524, dense cuDNN 553); CUDA, CP = 1, several documents
-  -> :data:`AUTO_MULTI_DOC_BACKEND` = ``hybrid`` (466 / 378 TFLOP/s at mean 8K / 2K documents
-  vs TE 469 / 418, flex 361 / 323); CUDA with CP -> ``flex`` (pieces need lower-right masks,
-  which SDPA serves only through FlashAttention-2). Caveat: PyTorch builds one cuDNN graph per
-  new document length (cached per process), so the first call on a layout with new lengths
-  costs 0.5-4 s at 64K (measured) before the steady-state rate; set
-  ``AUTO_MULTI_DOC_BACKEND = "flex"`` where layouts never repeat lengths.
+- ``cudnn`` (CP = 1): cuDNN's fused attention on the packed documents (THD, ragged offsets),
+  one forward and one backward launch per call, through cudnn-frontend's Python graph API
+  (:mod:`.cudnn_thd`; optional package ``nvidia-cudnn-frontend``, a clear error without it).
+  Graphs depend only on the bucketed document count and maximum length (powers of two), so new
+  layouts mostly reuse them. Under CP it runs ``flex``.
+- ``auto``: the fastest path measured per layout (H100, docs/benchmarks.md, 2026-11-24):
+  CPU -> ``reference``; CUDA, CP = 1, one document per row -> ``sdpa`` (one causal cuDNN call,
+  540 TFLOP/s vs TE 524, dense cuDNN 553); CUDA, CP = 1, several documents ->
+  :data:`AUTO_MULTI_DOC_BACKEND` = ``cudnn`` (495 / 449 TFLOP/s at mean 8K / 2K documents, vs
+  ``hybrid`` 472 / 382 in the same run and TE THD 469 / 418 in the earlier one), or
+  :data:`AUTO_MULTI_DOC_FALLBACK` = ``hybrid`` where cudnn-frontend is missing or the inputs are
+  not fp16/bf16 with head dim <= 128 (per-document cuDNN SDPA; its first call on new document
+  lengths costs 0.5-4 s at 64K, against 15-30 ms for ``cudnn`` on a seen bucket and ~0.2 s on a
+  new one); CUDA with CP -> ``flex`` (pieces need lower-right masks, which SDPA serves only
+  through FlashAttention-2).
 """
 
 from __future__ import annotations
@@ -50,14 +56,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import cudnn_thd
 from .context_parallel import gather_kv_zigzag, zigzag_indices, zigzag_segments
 from .layout import DocumentLayout
 
-BACKENDS = ("auto", "reference", "flex", "varlen", "sdpa", "hybrid")
+BACKENDS = ("auto", "reference", "flex", "varlen", "sdpa", "hybrid", "cudnn")
 
 #: backend ``auto`` uses on CUDA for layouts with more than one document (``hybrid`` itself
-#: runs flex under CP)
-AUTO_MULTI_DOC_BACKEND = "hybrid"
+#: runs flex under CP). ``cudnn`` falls back to :data:`AUTO_MULTI_DOC_FALLBACK` where
+#: cudnn-frontend is missing or the inputs are not fp16/bf16 with head dim <= 128
+AUTO_MULTI_DOC_BACKEND = "cudnn"
+#: what ``auto`` uses for multi-document rows when AUTO_MULTI_DOC_BACKEND is ``cudnn`` and that
+#: cannot run
+AUTO_MULTI_DOC_FALLBACK = "hybrid"
 #: block sizes of the flex block mask (queries, keys)
 FLEX_BLOCK_SIZE: tuple[int, int] = (128, 128)
 #: kernel_options passed to flex_attention (None: PyTorch's defaults / autotuning)
@@ -141,23 +152,35 @@ def attend_gathered(
         raise ValueError(f"local length {s_local} x cp_size {cp_size} != sequence length {s}")
     layout = _on_device(layout, q.device)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    name = resolve_backend(backend, q.device, layout, cp_size)
-    out = _IMPLS[name](q, k_full, v_full, layout, cp_size, cp_rank, scale)
+    name = resolve_backend(backend, q.device, layout, cp_size, dtype=q.dtype, head_dim=d)
+    try:
+        out = _IMPLS[name](q, k_full, v_full, layout, cp_size, cp_rank, scale)
+    except cudnn_thd.GraphBuildError as e:
+        if backend != "auto":
+            raise
+        # auto picked cudnn but cuDNN cannot build the graphs here: switch it off for this
+        # process (nothing ran yet, so nothing to undo) and use the fallback
+        warnings.warn(f"{e}; attention backend auto uses {AUTO_MULTI_DOC_FALLBACK!r} from now on")
+        cudnn_thd.disable(str(e))
+        out = _IMPLS[AUTO_MULTI_DOC_FALLBACK](q, k_full, v_full, layout, cp_size, cp_rank, scale)
     return out.reshape(s_local, b, hq * d)
 
 
 def resolve_backend(
-    backend: str, device: torch.device, layout: DocumentLayout, cp_size: int = 1
+    backend: str, device: torch.device, layout: DocumentLayout, cp_size: int = 1, *,
+    dtype: torch.dtype | None = None, head_dim: int | None = None,
 ) -> str:
     """The backend ``auto`` stands for (others are returned as given, after a name check).
 
-    Rule (fastest measured per layout; H100, docs/benchmarks.md, 2026-11-24, one run with TE):
+    Rule (fastest measured per layout; H100, docs/benchmarks.md, 2026-11-24):
     CPU -> ``reference``. CUDA with CP > 1 -> ``flex`` (a rank's pieces need a lower-right causal
     mask, which SDPA only has through FlashAttention-2: 11.2 vs flex's 9.5 us/token). CUDA,
     CP = 1: single-document rows -> ``sdpa`` (one causal cuDNN call: 540 TFLOP/s; TE THD 524,
-    dense cuDNN SDPA 553); several documents -> :data:`AUTO_MULTI_DOC_BACKEND` = ``hybrid``
-    (per-document cuDNN calls for documents >= :data:`HYBRID_MIN_DOC`, varlen for the rest:
-    466 / 378 TFLOP/s at mean 8K / 2K vs flex 361 / 323, varlen 312 / 283, TE THD 469 / 418).
+    dense cuDNN SDPA 553); several documents -> :data:`AUTO_MULTI_DOC_BACKEND` = ``cudnn``
+    (packed THD cuDNN attention: 495 / 449 TFLOP/s at mean 8K / 2K vs ``hybrid`` 472 / 382 in
+    the same run, TE THD 469 / 418 in an earlier one) when cudnn-frontend imports and
+    ``dtype`` / ``head_dim`` (when given) suit it, else :data:`AUTO_MULTI_DOC_FALLBACK` =
+    ``hybrid``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -169,6 +192,10 @@ def resolve_backend(
         return "flex"
     if layout.is_single_document():
         return "sdpa"
+    if AUTO_MULTI_DOC_BACKEND == "cudnn":
+        ok = cudnn_thd.DISABLED is None and cudnn_thd.available() and (
+            dtype is None or head_dim is None or cudnn_thd.supports(dtype, head_dim))
+        return "cudnn" if ok else AUTO_MULTI_DOC_FALLBACK
     return AUTO_MULTI_DOC_BACKEND
 
 
@@ -568,6 +595,21 @@ def _flex(q, k, v, layout, cp_size, cp_rank, scale):
     return out.permute(2, 0, 1, 3)
 
 
+# ---------------------------------------------------------------------- cudnn (THD)
+def _cudnn(q, k, v, layout, cp_size, cp_rank, scale):
+    if cp_size > 1:
+        # pieces of a CP rank need lower-right masks and overlapping key ranges: flex there
+        impl = _flex if q.device.type == "cuda" else _reference
+        return impl(q, k, v, layout, cp_size, cp_rank, scale)
+    if q.device.type != "cuda":
+        raise RuntimeError("attention backend 'cudnn' runs on CUDA only; use 'reference' or "
+                           "'auto' on CPU")
+    if not cudnn_thd.available():
+        raise RuntimeError(cudnn_thd.MISSING)
+    return cudnn_thd.thd_attention(q, k, v, layout, scale)
+
+
 _IMPLS = {
     "reference": _reference, "sdpa": _sdpa, "varlen": _varlen, "flex": _flex, "hybrid": _hybrid,
+    "cudnn": _cudnn,
 }

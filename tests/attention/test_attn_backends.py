@@ -141,7 +141,10 @@ def test_no_leakage_between_documents(backend):
     assert (out[changed] - base[changed]).abs().min() > 0  # and the test can see a change
 
 
-def test_auto_and_errors():
+def test_auto_and_errors(monkeypatch):
+    from megatron_prolong.attention import cudnn_thd
+
+    monkeypatch.setattr(cudnn_thd, "_AVAILABLE", False)  # without cudnn-frontend
     layout = DocumentLayout.from_lengths([[10, 54]])
     assert resolve_backend("auto", torch.device("cpu"), layout) == "reference"
     one = DocumentLayout.single_document(1, S)
