@@ -27,7 +27,7 @@ from megatron_prolong.train import checkpoint as ckpt
 from megatron_prolong.train.flops import gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
-from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, signals_deferred
 from megatron_prolong.train.step import LossStats, forward_step, prepare_micro_batch, prepare_te_micro_batch
 
 
@@ -122,6 +122,10 @@ class Trainer:
                       "schedule and data start fresh")
 
     def save(self) -> None:
+        with signals_deferred():
+            self._save()
+
+    def _save(self) -> None:
         ckpt.save_checkpoint(
             self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
             extra={"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,

@@ -6,7 +6,9 @@ requeue the job; the requeued job resumes from the checkpoint by itself.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,3 +40,18 @@ class PreemptionHandler:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGUSR1 back while checkpoint writers are started and run.
+
+    Megatron's checkpoint writer starts helper processes (multiprocessing spawn); a signal sent to
+    the whole process group or Slurm step would kill them mid-save. Blocked signals stay pending
+    in this process (delivered right after the save), and the helpers inherit the block.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

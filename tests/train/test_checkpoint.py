@@ -104,15 +104,20 @@ def test_mismatched_checkpoint_is_refused_in_words(uninterrupted, tmp_path):
 
 
 def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path):
+    """The signal goes to the whole process group (as Slurm signals a step) after a first save has
+    started Megatron's checkpoint-writer helpers: they must survive it."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_prolong.train", f"run.dir={run_dir}", *SMALL, "train.steps=500",
-           "checkpoint.save_interval=0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "checkpoint.save_interval=2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").exists() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+    tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    while not tracker.exists() or int(tracker.read_text()) < 2:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
     step = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
