@@ -29,7 +29,9 @@ class TrainingRun:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    # A child run makes its own rendezvous: drop any the test process itself set up.
+    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
     return env
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -51,31 +50,17 @@ def megatron_session(parallel: ParallelConfig | None = None, seed: int = 0) -> I
     from megatron_prolong.parallel.cpu_compat import cpu_compat
     from megatron_prolong.parallel.distributed import init_distributed
 
-    from megatron_prolong.parallel.distributed import _free_port, world_size_from_env
-
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    single = not dist.is_initialized() and world_size_from_env() == 1
-    if single:  # a fresh port per session; nothing leaks into later sessions or child processes
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-    try:
-        with cpu_compat():
-            owns = not dist.is_initialized()
-            if parallel_state.model_parallel_is_initialized():
-                parallel_state.destroy_model_parallel()
-            topo = init_distributed(parallel or ParallelConfig(), seed)
-            try:
-                yield topo
-            finally:
-                parallel_state.destroy_model_parallel()
-                if owns and dist.is_initialized():
-                    dist.destroy_process_group()
-    finally:
-        if single:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with cpu_compat():
+        owns = not dist.is_initialized()
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        topo = init_distributed(parallel or ParallelConfig(), seed)
+        try:
+            yield topo
+        finally:
+            parallel_state.destroy_model_parallel()
+            if owns and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def is_dist_checkpoint(path: Path) -> bool:

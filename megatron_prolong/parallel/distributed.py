@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -45,25 +44,18 @@ def world_size_from_env() -> int:
     return int(_env("WORLD_SIZE", "SLURM_NTASKS", "1"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
     """Start the default process group (torchrun env, or a single local process) and Megatron's groups."""
     rank = int(_env("RANK", "SLURM_PROCID", "0"))
     world_size = world_size_from_env()
     if not dist.is_initialized():
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(_env("LOCAL_RANK", "SLURM_LOCALID", "0")))
+        # A single process needs no rendezvous: an in-memory store, no port to collide on.
+        store = dist.HashStore() if world_size == 1 else None
         dist.init_process_group(
             "nccl" if torch.cuda.is_available() else "gloo",
-            rank=rank, world_size=world_size, timeout=timedelta(minutes=30),
+            rank=rank, world_size=world_size, timeout=timedelta(minutes=30), store=store,
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,

@@ -106,7 +106,7 @@ def test_stage_transitions():
 @pytest.mark.parametrize("name", sorted(RECIPE))
 @pytest.mark.parametrize("world", [WORLD, 2 * WORLD])
 def test_layout_is_valid_at_its_world_size(name, world):
-    cfg = load(f"experiment={name}")
+    cfg = load(f"experiment={name}", "tokenizer.path=/models/Meta-Llama-3-8B-Instruct")
     validate(cfg, world_size=world)
     p = cfg.parallel
     assert WORLD % (p.tp * p.pp * p.cp) == 0
