@@ -180,7 +180,7 @@ def resolve_backend(
     (packed THD cuDNN attention: 495 / 449 TFLOP/s at mean 8K / 2K vs ``hybrid`` 472 / 382 in
     the same run, TE THD 469 / 418 in an earlier one) when cudnn-frontend imports and
     ``dtype`` / ``head_dim`` (when given) suit it, else :data:`AUTO_MULTI_DOC_FALLBACK` =
-    ``hybrid``.
+    ``hybrid``. Multi-document rows in float32 (e.g. the CPU-sized demo on a GPU) -> ``flex``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -192,6 +192,8 @@ def resolve_backend(
         return "flex"
     if layout.is_single_document():
         return "sdpa"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return "flex"  # cuDNN's and FlashAttention's packed kernels take 16-bit inputs only
     if AUTO_MULTI_DOC_BACKEND == "cudnn":
         ok = cudnn_thd.DISABLED is None and cudnn_thd.available() and (
             dtype is None or head_dim is None or cudnn_thd.supports(dtype, head_dim))
