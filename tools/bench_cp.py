@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 
 import torch
@@ -23,16 +22,7 @@ from megatron_prolong.attention.context_parallel import shard_zigzag
 from megatron_prolong.attention.core import document_attention
 from megatron_prolong.attention.layout import DocumentLayout
 
-
-def doc_lengths(seed: int, seq: int, mean: float | None) -> list[int]:
-    if not mean:
-        return [seq]
-    rng, out, left = random.Random(seed), [], seq
-    while left:
-        n = min(left, max(1, int(rng.expovariate(1.0 / mean))))
-        out.append(n)
-        left -= n
-    return out
+from bench_attention import doc_lengths  # the same random layouts as the single-GPU benchmark
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     cp, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    layout = DocumentLayout.from_lengths([doc_lengths(0, args.seq, args.mean_doc)], device=device)
+    layout = DocumentLayout.from_lengths([doc_lengths(0, args.seq, args.mean_doc or None)], device=device)
     g = torch.Generator(device=device).manual_seed(0)  # the same full row on every rank
 
     def full(h: int) -> torch.Tensor:
