@@ -90,7 +90,7 @@ def score_line(gpt, tokens: Sequence[int], indices, vocab_size: int, rope_mode: 
     ids[0, :n] = torch.as_tensor(list(tokens), dtype=torch.long)
     cu = torch.tensor([cuts], dtype=torch.int32, device=device)
     layout = DocumentLayout.from_cu_seqlens(cu, s)
-    positions = rope_positions(cu, s, rope_mode)
+    positions = rope_positions(layout, rope_mode)
     idx = zigzag_indices(s, cp, cp_rank, device=device)
     targets = torch.roll(ids[0], -1)[idx]
     packed = DocumentPackedSeqParams(qkv_format="sbhd", layout=layout, positions=positions[:, idx].t().contiguous())

@@ -34,11 +34,7 @@ class DocumentPackedSeqParams(PackedSeqParams):
         return self._rope_cache[key]
 
 
-def rope_positions(cu_seqlens: torch.Tensor, seq_length: int, mode: str) -> torch.Tensor:
+def rope_positions(layout: DocumentLayout, mode: str) -> torch.Tensor:
     """Full-sequence RoPE positions [b, s]: running across the pack, or restarting per document."""
-    b = cu_seqlens.shape[0]
-    pos = torch.arange(seq_length, device=cu_seqlens.device).expand(b, seq_length)
-    if mode == "continuous":
-        return pos
-    starts = torch.searchsorted(cu_seqlens.contiguous(), pos.contiguous(), right=True) - 1
-    return pos - torch.gather(cu_seqlens.long(), 1, starts)
+    pos = torch.arange(layout.seq_len, device=layout.device).expand(layout.batch, layout.seq_len)
+    return pos if mode == "continuous" else pos - layout.doc_start()

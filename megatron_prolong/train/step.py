@@ -38,7 +38,7 @@ def prepare_micro_batch(
     cu = mb["cu_seqlens"].to(device, non_blocking=True)
     b, seq_len = tokens.shape
     layout = DocumentLayout.from_cu_seqlens(cu, seq_len)
-    positions = rope_positions(cu, seq_len, rope_mode)
+    positions = rope_positions(layout, rope_mode)
     labels = mb["labels"].to(device, non_blocking=True)
     loss_mask = mb["loss_mask"].to(device, non_blocking=True)
     if cp_size > 1:

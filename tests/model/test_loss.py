@@ -37,8 +37,9 @@ def test_blockwise_equals_full(megatron, untie, block):
 
     def run(processor):
         model.zero_grad()
-        packed = DocumentPackedSeqParams(qkv_format="sbhd", layout=DocumentLayout.from_cu_seqlens(cu, 48),
-                                         positions=rope_positions(cu, 48, "continuous").t().contiguous())
+        layout = DocumentLayout.from_cu_seqlens(cu, 48)
+        packed = DocumentPackedSeqParams(qkv_format="sbhd", layout=layout,
+                                         positions=rope_positions(layout, "continuous").t().contiguous())
         loss = model(tokens, None, None, labels=labels, packed_seq_params=packed, output_processor=processor)
         (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
