@@ -61,6 +61,22 @@ def _check_llama(cfg: dict, where: str, checks: dict) -> None:
                 )
 
 
+def _model_config(cfg: dict, where: str, name: str, scaling: str, factor: float, *,
+                  tied_by_default: bool) -> ModelConfig:
+    """The fields NeMo 1 and NeMo 2 name alike (they differ in whether embeddings are tied by default)."""
+    heads = int(_need(cfg, "num_attention_heads", where))
+    return ModelConfig(
+        name=name, num_layers=int(_need(cfg, "num_layers", where)), hidden_size=int(_need(cfg, "hidden_size", where)),
+        ffn_hidden_size=int(_need(cfg, "ffn_hidden_size", where)), num_attention_heads=heads,
+        num_query_groups=int(cfg.get("num_query_groups") or heads),
+        make_vocab_size_divisible_by=int(cfg.get("make_vocab_size_divisible_by") or 128),
+        norm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)), init_method_std=float(cfg.get("init_method_std", 0.02)),
+        untie_embeddings=not bool(cfg.get("share_embeddings_and_output_weights", tied_by_default)),
+        rope_base=float(cfg.get("rotary_base", 10000)), rope_scaling=scaling, rope_scaling_factor=factor,
+        rope_interpolation_factor=cfg.get("seq_len_interpolation_factor"),
+    )
+
+
 def model_config_from_nemo2(cfg: dict, where: str) -> tuple[ModelConfig, int | None, int]:
     """(ModelConfig, vocab_size or None, seq_length) from the ``config`` of context/model.yaml."""
     _check_llama(cfg, where, {
@@ -79,16 +95,7 @@ def model_config_from_nemo2(cfg: dict, where: str) -> tuple[ModelConfig, int | N
             if cfg.get(key) is not None and float(cfg[key]) != fixed:
                 raise ConversionError(f"{where}: {key}={cfg[key]} is not supported (Megatron fixes it at {fixed})")
         scaling, factor = "llama3", float(cfg["scale_factor"])
-    model = ModelConfig(
-        name="nemo", num_layers=int(_need(cfg, "num_layers", where)), hidden_size=hidden,
-        ffn_hidden_size=int(_need(cfg, "ffn_hidden_size", where)), num_attention_heads=heads,
-        num_query_groups=int(cfg.get("num_query_groups") or heads),
-        make_vocab_size_divisible_by=int(cfg.get("make_vocab_size_divisible_by") or 128),
-        norm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)), init_method_std=float(cfg.get("init_method_std", 0.02)),
-        untie_embeddings=not bool(cfg.get("share_embeddings_and_output_weights", False)),
-        rope_base=float(cfg.get("rotary_base", 10000)), rope_scaling=scaling, rope_scaling_factor=factor,
-        rope_interpolation_factor=cfg.get("seq_len_interpolation_factor"),
-    )
+    model = _model_config(cfg, where, "nemo", scaling, factor, tied_by_default=False)
     vocab = cfg.get("vocab_size")
     return model, int(vocab) if vocab else None, int(cfg.get("seq_length") or 8192)
 
@@ -100,20 +107,10 @@ def model_config_from_nemo1(cfg: dict, where: str) -> tuple[ModelConfig, int | N
         "normalization": {"rmsnorm"}, "position_embedding_type": {"rope"},
         "activation": {"swiglu", "fast-swiglu"}, "bias": {"false"},
     })
-    heads = int(_need(cfg, "num_attention_heads", where))
     scaling, factor = "none", 8.0
     if cfg.get("scale_positional_embedding"):
         scaling, factor = "llama3", float(cfg.get("scale_factor", 8.0))
-    model = ModelConfig(
-        name="nemo1", num_layers=int(_need(cfg, "num_layers", where)), hidden_size=int(_need(cfg, "hidden_size", where)),
-        ffn_hidden_size=int(_need(cfg, "ffn_hidden_size", where)), num_attention_heads=heads,
-        num_query_groups=int(cfg.get("num_query_groups") or heads),
-        make_vocab_size_divisible_by=int(cfg.get("make_vocab_size_divisible_by") or 128),
-        norm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)), init_method_std=float(cfg.get("init_method_std", 0.02)),
-        untie_embeddings=not bool(cfg.get("share_embeddings_and_output_weights", True)),
-        rope_base=float(cfg.get("rotary_base", 10000)), rope_scaling=scaling, rope_scaling_factor=factor,
-        rope_interpolation_factor=cfg.get("seq_len_interpolation_factor"),
-    )
+    model = _model_config(cfg, where, "nemo1", scaling, factor, tied_by_default=True)
     seq = cfg.get("encoder_seq_length") or cfg.get("max_position_embeddings") or 4096
     vocab = cfg.get("vocab_size")
     return model, int(vocab) if vocab else None, int(seq)
