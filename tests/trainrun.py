@@ -20,12 +20,17 @@ class TrainingRun:
 
     @property
     def metrics(self) -> list[dict]:
-        path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return read_metrics(self.dir)
 
     @property
     def losses(self) -> list[float]:
         return [m["loss"] for m in self.metrics]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records, in the order written (a step re-run after a kill repeats)."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _env() -> dict[str, str]:
@@ -36,14 +41,25 @@ def _env() -> dict[str, str]:
     return env
 
 
-def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 900) -> TrainingRun:
-    """Run ``python -m megatron_prolong.train`` (under torchrun when nproc > 1)."""
+def command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    """``python -m megatron_prolong.train`` (under torchrun when nproc > 1) for this run dir."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "megatron_prolong.train"]
     else:
         cmd = [sys.executable, "-m", "megatron_prolong.train"]
-    cmd += [f"run.dir={run_dir}", *overrides]
+    return [*cmd, f"run.dir={run_dir}", *overrides]
+
+
+def start(run_dir: Path, *overrides: str, nproc: int = 1, **popen) -> subprocess.Popen:
+    """Start a run in the background, as its own process group (so a test can signal all of it)."""
+    return subprocess.Popen(command(run_dir, *overrides, nproc=nproc), cwd=REPO, env=_env(),
+                            start_new_session=True, **popen)
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 900) -> TrainingRun:
+    """Run the trainer to completion and collect its output."""
+    cmd = command(run_dir, *overrides, nproc=nproc)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     run = TrainingRun(run_dir, proc)
     if check and proc.returncode != 0:

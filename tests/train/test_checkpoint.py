@@ -5,23 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from trainrun import REPO, _env, assert_losses_close, train
+from trainrun import assert_losses_close, read_metrics, start, train
 
 SMALL = ("data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
          "train.precision=fp32", "log.tensorboard=false")
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "megatron_prolong.train", f"run.dir={run_dir}", *SMALL, *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return start(run_dir, *SMALL, *overrides, nproc=2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -30,13 +26,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _per_step(run_dir: Path) -> dict[int, float]:
-    import json
-
-    losses: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        losses[r["step"]] = r["loss"]  # a re-run step (after a kill) must give the same loss: last wins
-    return losses
+    # a step re-run after a kill must give the same loss: the last record of a step wins
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +98,8 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path):
     """The signal goes to the whole process group (as Slurm signals a step) after a first save has
     started Megatron's checkpoint-writer helpers: they must survive it."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_prolong.train", f"run.dir={run_dir}", *SMALL, "train.steps=500",
-           "checkpoint.save_interval=2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start(run_dir, *SMALL, "train.steps=500", "checkpoint.save_interval=2",
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
     while not tracker.exists() or int(tracker.read_text()) < 2:
