@@ -1,18 +1,21 @@
-"""Megatron distributed checkpoints, saved atomically, with a tracker of the latest one.
+"""Megatron distributed checkpoints on disk: saved atomically, with a tracker of the latest one.
 
 Layout under ``<run.dir>/checkpoints``::
 
     iter_0000020/                 Megatron dist checkpoint (model, optimizer, scheduler, step)
-        prolong_meta.json         model config, RoPE base, sequence length, tokenizer
-        extra_rank<r>.pt          per-rank RNG and data-sampler state
+        prolong_meta.json         model config, RoPE base, sequence length, tokenizer, saving layout
+        train_state.pt            the run's global state: data stream, counters (written once)
+        rng/tp0_pp0_cp0_dp0.pt    RNG state of each parallel coordinate
     latest_checkpointed_iteration.txt
 
+The data stream and counters are global, so a checkpoint resumes on any number of processes.
 A save goes to ``.iter_XXXXXXX.tmp`` and is renamed when every rank has finished, and only then
 does the tracker move: a crash mid-save leaves the previous checkpoint loadable and tracked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,24 +24,31 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing
 
 from megatron_prolong.train import mcore_fixes
 
-mcore_fixes.apply()
-
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "prolong_meta.json"
+TRAIN_STATE = "train_state.pt"
+RNG_DIR = "rng"
 # fully_reshardable: a checkpoint loads into any TP/PP/CP/DP layout (stage 2 may use another one).
 _SHARDING_META = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
+# Megatron matches saved to current optimizer param groups by these keys (among others); the
+# scheduler sets them from the config, so a changed train.lr / min_lr / weight_decay must not count.
+SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
 
 
 def iter_dir(root: Path, step: int) -> Path:
     return root / f"iter_{step:07d}"
+
+
+def saved_steps(root: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -119,70 +129,66 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model, optimizer, scheduler, *, extra: dict, meta: dict,
-    keep_last: int | None = None, keep_every: int | None = None,
+    root: Path, step: int, model, optimizer, scheduler, *, train_state: dict, rng: tuple[str, dict],
+    meta: dict, keep_last: int | None = None, keep_every: int | None = None,
 ) -> Path:
+    """``train_state``: global (rank 0 writes it); ``rng``: (this rank's coordinate name, its state)."""
     rank = dist.get_rank()
     final = iter_dir(root, step)
     tmp = root / f".{final.name}.tmp"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
     dist.barrier()
     sd = _sharded_state(model, optimizer, is_loading=False)
     sd["scheduler"] = scheduler.state_dict()
     sd["step"] = step
     dist_checkpointing.save(sd, str(tmp))
-    extra = dict(extra, rng=_rng_state())
-    torch.save(extra, tmp / f"extra_rank{rank}.pt")
+    (tmp / RNG_DIR).mkdir(exist_ok=True)  # after the save: Megatron warns about a non-empty folder
+    torch.save(rng[1], tmp / RNG_DIR / f"{rng[0]}.pt")
     dist.barrier()
     if rank == 0:
+        torch.save(train_state, tmp / TRAIN_STATE)
         (tmp / META).write_text(json.dumps(dict(meta, step=step), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / TRACKER, str(step))
-        _prune(root, step, keep_last, keep_every)
+        for s in prune_plan(saved_steps(root), keep_last, keep_every):
+            shutil.rmtree(iter_dir(root, s), ignore_errors=True)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, latest: int, keep_last: int | None, keep_every: int | None) -> None:
+def prune_plan(steps: list[int], keep_last: int | None, keep_every: int | None) -> list[int]:
+    """The saved steps (ascending) that retention removes: all but the newest ``keep_last`` and
+    the multiples of ``keep_every`` (nothing when keep_last is unset)."""
     if not keep_last:
-        return
-    steps = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+        return []
     recent = set(steps[-keep_last:])
-    for s in steps:
-        if s in recent or s == latest or (keep_every and s % keep_every == 0):
-            continue
-        shutil.rmtree(iter_dir(root, s), ignore_errors=True)
+    return [s for s in steps if s not in recent and not (keep_every and s % keep_every == 0)]
 
 
-def _inner_optimizers(optimizer) -> list:
-    return [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+def _param_groups(optimizer) -> list[dict]:
+    return [g for inner in mcore_fixes.inner_optimizers(optimizer) for g in inner.param_groups]
 
 
-def _materialize_adam_state(optimizer) -> bool:
-    """Give a fresh torch Adam placeholder state while the load target is built; True if it was fresh.
-
-    Without Apex or Transformer Engine, Megatron's distributed optimizer reads ``step`` from the
-    torch optimizer's state when building the state dict to load into, and a new one has none.
-    The placeholders are dropped again before ``load_state_dict`` allocates the real state.
-    """
-    fresh = all(not inner.state for inner in _inner_optimizers(optimizer))
-    if fresh:
-        for inner in _inner_optimizers(optimizer):
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    inner.state[p].update(step=torch.zeros((), dtype=torch.float32),
-                                          exp_avg=torch.zeros_like(p.data), exp_avg_sq=torch.zeros_like(p.data))
-    return fresh
+@contextlib.contextmanager
+def _groups_keyed_as_saved(optimizer, saved_schedule: dict | None):
+    """Let Megatron pair saved and current param groups although the schedule's values changed;
+    the current (configured) values are put back once the saved state is in."""
+    current = [{k: g[k] for k in SCHEDULE_GROUP_KEYS if g.get(k) is not None} for g in _param_groups(optimizer)]
+    for g, values in zip(_param_groups(optimizer), current):
+        g.update({k: saved_schedule[k] for k in values if k in (saved_schedule or {})})
+    yield
+    for g, values in zip(_param_groups(optimizer), current):
+        g.update(values)
 
 
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
-    """Load model (and optimizer when given) in place; returns scheduler state, step and this rank's extras."""
-    fresh = optimizer is not None and _materialize_adam_state(optimizer)
+    """Load model (and optimizer when given) in place; returns the scheduler state and the step."""
+    fresh = optimizer is not None and mcore_fixes.materialize_adam_state(optimizer)
     sd = _sharded_state(model, optimizer, is_loading=True)
     sd["scheduler"] = None
     sd["step"] = None
@@ -190,26 +196,21 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     _unwrap(model).load_state_dict(loaded["model"])
     if optimizer is not None:
         if fresh:
-            for inner in _inner_optimizers(optimizer):
-                inner.state.clear()
-        optimizer.load_state_dict(loaded["optimizer"])
-        mcore_fixes.unshare_adam_steps(_inner_optimizers(optimizer))
-    extra_file = Path(path) / f"extra_rank{dist.get_rank()}.pt"
-    extra = torch.load(extra_file, weights_only=True) if extra_file.is_file() else {}
-    return {"scheduler": loaded.get("scheduler"), "step": loaded.get("step"), "extra": extra}
+            mcore_fixes.drop_placeholder_state(optimizer)
+        with _groups_keyed_as_saved(optimizer, loaded.get("scheduler")):
+            optimizer.load_state_dict(loaded["optimizer"])
+        mcore_fixes.unshare_adam_steps(optimizer)
+    return {"scheduler": loaded.get("scheduler"), "step": loaded.get("step")}
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def read_train_state(path: Path) -> dict:
+    """The run's global state; checkpoints from before train_state.pt kept it in every extra_rank<r>.pt."""
+    for name in (TRAIN_STATE, "extra_rank0.pt"):
+        if (Path(path) / name).is_file():
+            return torch.load(Path(path) / name, weights_only=True)
+    raise FileNotFoundError(f"{path} has no {TRAIN_STATE}: not a checkpoint written by the trainer")
 
 
-def restore_rng_state(state: dict) -> None:
-    if not state:
-        return
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+def read_rng(path: Path, name: str) -> dict | None:
+    f = Path(path) / RNG_DIR / f"{name}.pt"
+    return torch.load(f, weights_only=True) if f.is_file() else None

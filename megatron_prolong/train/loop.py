@@ -23,7 +23,7 @@ from megatron_prolong.model.loss import BlockwiseLoss
 from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
 from megatron_prolong.parallel.distributed import Topology
 from megatron_prolong.tokenizer import build_tokenizer
-from megatron_prolong.train import checkpoint as ckpt
+from megatron_prolong.train.checkpoint_manager import CheckpointManager
 from megatron_prolong.train.flops import gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
@@ -50,7 +50,6 @@ class Trainer:
     def __init__(self, cfg: ProLongConfig, topo: Topology) -> None:
         self.cfg, self.topo = cfg, topo
         self.run_dir = Path(cfg.run.dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.device = _device()
         tokenizer = build_tokenizer(cfg.tokenizer)
         self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
@@ -87,52 +86,30 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
         self.domains = DomainTracker(self.loader.domain_names)
         self.peak_tflops = gpu_spec(cfg.train.gpu).bf16_tflops
-        self.step = 0
-        self.tokens_seen = 0
-        self.skipped_total = 0
         self.skipped_in_row = 0
-        self._resume_or_init()
+        self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, self._log)
+        self._log(self.checkpoints.size_report())
+        self.step, train_state = self.checkpoints.restore(self.model, self.optimizer, self.scheduler)
+        self.load_train_state(train_state or {})
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _resume_or_init(self) -> None:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
-        source = latest or (ckpt.resolve_checkpoint(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None)
-        if source is not None:
-            for warning in ckpt.check_compatible(source, self.cfg.model, self.vocab_size):
-                self._log(f"note: {warning} (expected when a stage transition rescales RoPE)")
-        if latest is not None:
-            state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step = int(state["step"])
-            extra = state["extra"]
-            self.loader.load_state_dict(extra["loader"])
-            self.tokens_seen = int(extra.get("tokens_seen", 0))
-            self.skipped_total = int(extra.get("skipped_total", 0))
-            if "domains" in extra:
-                self.domains.load_state_dict(extra["domains"])
-            ckpt.restore_rng_state(extra.get("rng"))
-            self._log(f"resumed from {latest} at step {self.step}")
-        elif source is not None:
-            path = source
-            has_optimizer = ckpt.read_meta(path).get("has_optimizer", True)
-            opt = self.optimizer if self.cfg.checkpoint.load_optimizer and has_optimizer else None
-            ckpt.load_checkpoint(path, self.model, opt)
-            self.scheduler.step(increment=0)  # the loaded param groups carry the old run's learning rate
-            self._log(f"initialised from {path} ({'model and optimizer' if opt else 'model only'}); "
-                      "schedule and data start fresh")
+    def train_state(self) -> dict:
+        """The run's global state besides model and optimizer (the same on every rank)."""
+        return {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
+                "skipped_total": self.skipped_total, "domains": self.domains.state_dict()}
+
+    def load_train_state(self, state: dict) -> None:
+        if "loader" in state:
+            self.loader.load_state_dict(state["loader"])
+        if "domains" in state:
+            self.domains.load_state_dict(state["domains"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
 
     def save(self) -> None:
         with signals_deferred():
-            self._save()
-
-    def _save(self) -> None:
-        ckpt.save_checkpoint(
-            self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
-            extra={"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
-                   "skipped_total": self.skipped_total, "domains": self.domains.state_dict()},
-            meta=_meta(self.cfg, self.vocab_size),
-            keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
-        )
+            self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler,
+                                  train_state=self.train_state(), meta=_meta(self.cfg, self.vocab_size))
 
     # -- training ------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:

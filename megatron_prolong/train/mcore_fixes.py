@@ -1,17 +1,30 @@
-"""Work-arounds for Megatron-Core 0.19 bugs on the path without Apex/Transformer Engine (torch Adam).
+"""Work-arounds for Megatron-Core 0.19 on the path without Apex/Transformer Engine (torch Adam).
 
-Loading a ``fully_reshardable`` distributed-optimizer checkpoint with torch's Adam: Megatron puts
-``step`` into every parameter's state and then copies each state tensor from the checkpoint,
-which (correctly) holds no per-parameter ``step``, raising ``KeyError: 'step'``. The step is set
-from the checkpoint's param groups anyway, so it is set aside while the tensors are copied.
+They are applied explicitly (``apply()``, by the checkpoint manager) and only on the Megatron-Core
+minor version they were written against; on another version nothing is patched and ``apply``
+says so, because the private method they wrap may have changed meaning.
+
+1. Loading a ``fully_reshardable`` distributed-optimizer checkpoint with torch's Adam: Megatron
+   puts ``step`` into every parameter's state and then copies each state tensor from the
+   checkpoint, which (correctly) holds no per-parameter ``step``, raising ``KeyError: 'step'``.
+   The step is set from the checkpoint's param groups anyway, so it is set aside while the
+   tensors are copied.
+2. Megatron's distributed optimizer reads ``step`` from the torch optimizer's state when building
+   the state dict to load into, and a new one has none: placeholders are put in while the load
+   target is built and dropped before ``load_state_dict`` allocates the real state.
+3. After a distributed-optimizer load every parameter's ``step`` is one shared tensor; torch's
+   Adam increments it in place once per parameter, so the bias correction goes wrong.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core import package_info
 from megatron.core.optimizer import distrib_optimizer
 
-_original = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+FOR_VERSION = (0, 19)
+_DistOpt = distrib_optimizer.DistributedOptimizer
+_original = _DistOpt._set_main_param_and_optimizer_states
 
 
 def _set_states_keeping_step(self, model_param, tensors):
@@ -27,18 +40,51 @@ def _set_states_keeping_step(self, model_param, tensors):
             state["step"] = step
 
 
-def apply() -> None:
-    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = _set_states_keeping_step
+def installed_version() -> tuple[int, int]:
+    return package_info.MAJOR, package_info.MINOR
 
 
-def unshare_adam_steps(inner_optimizers) -> None:
-    """After a distributed-optimizer load, every parameter's ``step`` is one shared tensor.
+def apply() -> str | None:
+    """Patch Megatron-Core (idempotent); returns a note when the installed version is not the one
+    these work-arounds are for, and then patches nothing."""
+    if installed_version() != FOR_VERSION:
+        return (f"megatron-core {package_info.__shortversion__}: the work-arounds for "
+                f"{'.'.join(map(str, FOR_VERSION))} (megatron_prolong/train/mcore_fixes.py) are not "
+                "applied; if a distributed-optimizer checkpoint fails to load with KeyError: 'step', "
+                f"install megatron-core {'.'.join(map(str, FOR_VERSION))}.x (constraints.txt)")
+    _DistOpt._set_main_param_and_optimizer_states = _set_states_keeping_step
+    return None
 
-    torch's Adam increments each parameter's step in place, so a shared tensor advances once per
-    parameter per iteration and the bias correction goes wrong: resumed losses drift from an
-    uninterrupted run. Each parameter gets its own copy.
-    """
-    for inner in inner_optimizers:
-        for state in inner.state.values():
+
+def applied() -> bool:
+    return _DistOpt._set_main_param_and_optimizer_states is _set_states_keeping_step
+
+
+def inner_optimizers(optimizer) -> list:
+    return [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def materialize_adam_state(optimizer) -> bool:
+    """Placeholder Adam state for a fresh torch optimizer (fix 2); True if it was fresh."""
+    inner = inner_optimizers(optimizer)
+    fresh = applied() and all(not opt.state for opt in inner)
+    if fresh:
+        for opt in inner:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    opt.state[p].update(step=torch.zeros((), dtype=torch.float32),
+                                        exp_avg=torch.zeros_like(p.data), exp_avg_sq=torch.zeros_like(p.data))
+    return fresh
+
+
+def drop_placeholder_state(optimizer) -> None:
+    for opt in inner_optimizers(optimizer):
+        opt.state.clear()
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """Each parameter gets its own ``step`` tensor (fix 3)."""
+    for opt in inner_optimizers(optimizer):
+        for state in opt.state.values():
             if "step" in state and isinstance(state["step"], torch.Tensor):
                 state["step"] = state["step"].clone()

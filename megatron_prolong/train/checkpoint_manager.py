@@ -1,0 +1,158 @@
+"""Where a run starts and what its checkpoints hold: one home for the checkpoint policy.
+
+* start: resume this run (its own latest checkpoint: model, optimizer, schedule position, data
+  stream, counters, RNG), or start from another run (``checkpoint.load``: model, optionally
+  optimizer; schedule and data restart), or fresh. A resume continues the same global data
+  stream on any number of processes; a changed learning-rate schedule (``train.lr``,
+  ``train.min_lr*``, ``train.warmup_fraction``, ``train.steps``) applies from the current step.
+* strictness: a checkpoint whose shapes differ from the config is refused before loading.
+* RNG state is kept per parallel coordinate (tp, pp, cp, dp rank). On another DP size, DP rank r
+  takes the state of saved DP rank r mod (saved DP size); on another TP/PP/CP layout the seeded
+  RNG is kept (the model has no dropout; the RNG only matters for what a user adds).
+* retention (``checkpoint.keep_last`` / ``keep_every``) and the size report printed at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from megatron.core import tensor_parallel
+
+from megatron_prolong.config import ProLongConfig
+from megatron_prolong.parallel.distributed import Topology
+from megatron_prolong.train import checkpoint as ckpt
+from megatron_prolong.train import mcore_fixes
+from megatron_prolong.train.memory import rank_params
+
+# scheduler state key -> the setting users change
+_SCHEDULE_KEYS = {"max_lr": "train.lr", "min_lr": "floor (train.min_lr / min_lr_ratio)", "lr_warmup_steps": "warmup steps (train.warmup_fraction x train.steps)",
+                  "lr_decay_steps": "train.steps", "lr_decay_style": "train.lr_decay_style",
+                  "start_wd": "train.weight_decay"}
+
+
+def checkpoint_bytes_per_param(precision: str) -> tuple[int, str]:
+    """Bytes one parameter takes in a checkpoint with optimizer state, and what they are."""
+    if precision == "bf16":
+        return 14, "bf16 weights + fp32 master weights + fp32 Adam moments"
+    return 12, "fp32 weights + fp32 Adam moments"
+
+
+def save_steps(steps: int, interval: int) -> list[int]:
+    """The steps a run saves at: every ``interval`` steps and the last one."""
+    return sorted(set(range(interval, steps + 1, interval) if interval else ()) | {steps})
+
+
+def retention(saves: list[int], keep_last: int | None, keep_every: int | None) -> tuple[int, int]:
+    """(checkpoints left at the end, most on disk at once: the kept ones plus the one being written)."""
+    kept: list[int] = []
+    peak = 0
+    for s in saves:
+        kept.append(s)
+        peak = max(peak, len(kept))
+        removed = set(ckpt.prune_plan(kept, keep_last, keep_every))
+        kept = [k for k in kept if k not in removed]
+    return len(kept), peak
+
+
+def _si(n: float, unit: str) -> str:
+    prefixes = ("", "k", "M", "G", "T")
+    i = 0
+    while n >= 1000 and i < len(prefixes) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.3g} {prefixes[i]}{unit}"
+
+
+class CheckpointManager:
+    def __init__(self, cfg: ProLongConfig, topo: Topology, vocab_size: int, log: Callable[[str], None]) -> None:
+        self.cfg, self.topo, self.vocab_size, self.log = cfg, topo, vocab_size, log
+        self.root = Path(cfg.run.dir) / "checkpoints"
+        note = mcore_fixes.apply()
+        if note:
+            log(note)
+
+    # -- start ---------------------------------------------------------------------------------
+    def restore(self, model, optimizer, scheduler) -> tuple[int, dict | None]:
+        """Load what this start needs; returns (step, the run's train state on a resume, else None)."""
+        c = self.cfg.checkpoint
+        latest = ckpt.latest_checkpoint(self.root)
+        source = latest or (ckpt.resolve_checkpoint(c.load) if c.load else None)
+        if source is None:
+            return 0, None
+        for warning in ckpt.check_compatible(source, self.cfg.model, self.vocab_size):
+            self.log(f"note: {warning} (expected when a stage transition rescales RoPE)")
+        if latest is None:
+            with_opt = c.load_optimizer and ckpt.read_meta(source).get("has_optimizer", True)
+            ckpt.load_checkpoint(source, model, optimizer if with_opt else None)
+            scheduler.step(increment=0)  # the loaded param groups carry the old run's learning rate
+            self.log(f"initialised from {source} ({'model and optimizer' if with_opt else 'model only'}); "
+                     "schedule and data start fresh")
+            return 0, None
+        state = ckpt.load_checkpoint(latest, model, optimizer)
+        step = int(state["step"])
+        self._continue_schedule(scheduler, state["scheduler"], step)
+        self._restore_rng(latest)
+        self.log(f"resumed from {latest} at step {step}")
+        return step, ckpt.read_train_state(latest)
+
+    def _continue_schedule(self, scheduler, saved: dict, step: int) -> None:
+        """The configured schedule, at the saved position (Megatron would keep the saved values)."""
+        changed = [f"{name} {saved[key]} -> {getattr(scheduler, key)}" for key, name in _SCHEDULE_KEYS.items()
+                   if key in saved and saved[key] != getattr(scheduler, key)]
+        scheduler.step(increment=int(saved["num_steps"]))
+        if changed:
+            self.log(f"resuming at step {step} with a changed schedule: {', '.join(changed)}; the new "
+                     f"settings apply from step {step + 1} (lr now {scheduler.optimizer.param_groups[0]['lr']:.3e})")
+
+    # -- RNG per parallel coordinate -----------------------------------------------------------
+    def _coordinate(self, dp_rank: int) -> str:
+        t = self.topo
+        return f"tp{t.tp_rank}_pp{t.pp_rank}_cp{t.cp_rank}_dp{dp_rank}"
+
+    def _layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"tp": p.tp, "pp": p.pp, "cp": p.cp, "dp": self.topo.dp_size}
+
+    def _restore_rng(self, path: Path) -> None:
+        saved = ckpt.read_meta(path).get("layout")
+        now = self._layout()
+        same_model_layout = saved is not None and all(saved[k] == now[k] for k in ("tp", "pp", "cp"))
+        state = ckpt.read_rng(path, self._coordinate(self.topo.dp_rank % saved["dp"])) if same_model_layout else None
+        if state is None:
+            self.log(f"note: {path} has no RNG state for layout {now} (saved: {saved}); keeping the seeded RNG")
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+    @staticmethod
+    def _rng_state() -> dict:
+        state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    # -- save and retention --------------------------------------------------------------------
+    def save(self, step: int, model, optimizer, scheduler, *, train_state: dict, meta: dict) -> Path:
+        c = self.cfg.checkpoint
+        return ckpt.save_checkpoint(
+            self.root, step, model, optimizer, scheduler, train_state=train_state,
+            rng=(self._coordinate(self.topo.dp_rank), self._rng_state()),
+            meta=dict(meta, layout=self._layout()), keep_last=c.keep_last, keep_every=c.keep_every,
+        )
+
+    def size_report(self) -> str:
+        """Expected bytes per checkpoint (parameters x bytes each) and on disk under the retention policy."""
+        cfg, c = self.cfg, self.cfg.checkpoint
+        params = rank_params(cfg.model, self.vocab_size, tp=1, pp=1)
+        per_param, what = checkpoint_bytes_per_param(cfg.train.precision)
+        each = params * per_param
+        saves = save_steps(cfg.train.steps, c.save_interval)
+        kept, peak = retention(saves, c.keep_last, c.keep_every)
+        policy = (f"checkpoint.keep_last={c.keep_last}, keep_every={c.keep_every}" if c.keep_last
+                  else "checkpoint.keep_last unset: all are kept")
+        return (f"checkpoints: about {_si(each, 'B')} each ({_si(params, 'parameters')} x {per_param} bytes: {what}); "
+                f"{len(saves)} saves, {policy}: {kept} left at the end, {_si(kept * each, 'B')} "
+                f"(up to {_si(peak * each, 'B')} while one is written) in {self.root}")
