@@ -146,6 +146,7 @@ class Trainer:
         totals = totals[:-1]
         loss_sum, loss_tokens = totals.sum(dim=0)[2:].tolist()
         loss = loss_sum / max(loss_tokens, 1.0)
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's; the scheduler moves on in the step
         ok, grad_norm = self._optimizer_step(loss)
         self.step += 1
         self.domains.add_totals(totals)
@@ -154,7 +155,7 @@ class Trainer:
         elapsed = time.monotonic() - start
         return {
             "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
             "loss_tokens": int(loss_tokens),
@@ -217,7 +218,7 @@ class Trainer:
             self._log(f"run in {self.run_dir} is already complete ({self.step}/{total} steps); "
                       "give another run.dir to start a new run")
             return
-        writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard) if self.topo.is_logger else None
+        writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard, self.step) if self.topo.is_logger else None
         preemption = PreemptionHandler()
         self._log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
                   f"attention backend {self.backend}, "

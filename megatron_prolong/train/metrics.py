@@ -9,23 +9,54 @@ from pathlib import Path
 from typing import Any
 
 
-class MetricsWriter:
-    """Written by one rank only; every record is one JSON object per logged step."""
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS``, with days in front from 24 h on (``3d 04:05:06``): stage 1 runs for days."""
+    s = int(round(max(seconds, 0.0)))
+    days, s = divmod(s, 86400)
+    clock = f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{days}d {clock}" if days else clock
 
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool) -> None:
+
+def _json_value(value: Any) -> Any:
+    """Strict JSON: a non-finite float (a skipped step's loss) is null, not NaN/Infinity."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def cut_after(path: Path, step: int) -> None:
+    """Drop records after ``step``: a run resumed there re-runs (and re-logs) the later steps."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+class MetricsWriter:
+    """Written by one rank only; every record is one JSON object per logged step.
+
+    ``start_step``: the step the run starts from; later records (and TensorBoard events) of an
+    earlier attempt that crashed before saving are dropped, so every step appears once.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, start_step: int = 0) -> None:
         self.total_steps = total_steps
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        cut_after(path, start_step)
+        self._jsonl = open(path, "a", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         self._start = time.monotonic()
         self._start_step: int | None = None
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         record = {"step": step, **record}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -42,7 +73,7 @@ class MetricsWriter:
             f"step {step:>6}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | "
             f"grad norm {r['grad_norm']:.3f} | {r['tokens_per_s']:.0f} tok/s | "
             f"{r.get('tflops_per_gpu', 0.0):.1f} TFLOP/s/GPU (MFU {100 * r.get('mfu', 0.0):.1f}%) | "
-            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+            f"ETA {format_eta(eta)}"
         )
 
     def close(self) -> None:
