@@ -69,7 +69,10 @@ class Trainer:
         self.backend = resolve_attention_backend(cfg.model)
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed)
+        init = not ckpt.will_load(self.ckpt_root, cfg.checkpoint.load)
+        model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed, init=init)
+        self._log("parameters randomly initialised" if init else
+                  "random initialisation skipped: a checkpoint will be loaded into every parameter")
         model.to(self.device)
         self.model = DistributedDataParallel(
             config=self.tconfig,
@@ -117,6 +120,8 @@ class Trainer:
             has_optimizer = ckpt.read_meta(path).get("has_optimizer", True)
             opt = self.optimizer if self.cfg.checkpoint.load_optimizer and has_optimizer else None
             ckpt.load_checkpoint(path, self.model, opt)
+            if opt is None:  # bf16: the optimizer's fp32 main weights were copied from the unloaded model
+                self.optimizer.reload_model_params()
             self.scheduler.step(increment=0)  # the loaded param groups carry the old run's learning rate
             self._log(f"initialised from {path} ({'model and optimizer' if opt else 'model only'}); "
                       "schedule and data start fresh")
