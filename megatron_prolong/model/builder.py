@@ -93,6 +93,7 @@ def build_transformer_config(
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # init_parameters draws every matrix itself, or a checkpoint fills it
         calculate_per_token_loss=True,
         rope_base=model.rope_base,
         rope_scaling=model.rope_scaling,
@@ -119,9 +120,14 @@ def block_spec(backend: str, config: TransformerConfig) -> ModuleSpec | Transfor
 
 
 def build_model(
-    model: ModelConfig, config: ProLongTransformerConfig, vocab_size: int, seq_length: int, seed: int
+    model: ModelConfig, config: ProLongTransformerConfig, vocab_size: int, seq_length: int, seed: int,
+    init: bool = True,
 ) -> GPTModel:
-    """One GPTModel chunk for this pipeline stage (no virtual pipeline)."""
+    """One GPTModel chunk for this pipeline stage (no virtual pipeline).
+
+    ``init=False`` leaves the matrices unset (uninitialised memory) for a checkpoint load that
+    overwrites every parameter: the random draw of the full model costs minutes at 8B.
+    """
     backend = resolve_attention_backend(model)
     gpt = GPTModel(
         config=config,
@@ -138,5 +144,6 @@ def build_model(
         rope_scaling_factor=model.rope_scaling_factor,
         seq_len_interpolation_factor=model.rope_interpolation_factor,
     )
-    init_parameters(gpt, seed, model.init_method_std, model.num_layers)
+    if init:
+        init_parameters(gpt, seed, model.init_method_std, model.num_layers)
     return gpt

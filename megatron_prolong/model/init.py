@@ -4,6 +4,10 @@ Megatron draws initial weights from one RNG stream per rank, so a model built wi
 starts from different weights than TP=1. Here every full (unsharded) matrix is drawn from its own
 generator, seeded by the run seed and the parameter's global name, and each rank keeps its slice:
 any TP x PP layout starts from the same model, and per-step losses are comparable across layouts.
+
+With tied embeddings and PP > 1 the last stage holds its own copy of the embedding as
+``output_layer.weight`` (Megatron keeps the two equal by summing their gradients); that copy is
+drawn under the embedding's name, so both stages start from the same matrix.
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ def init_parameters(
 ) -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
     for name, param in model.named_parameters():
         if param.dim() < 2:
             continue  # norm weights keep their ones
         key = _global_name(model, name)
         if key.startswith("module."):
             key = key[len("module."):]
+        if tied and key == "output_layer.weight":
+            key = "embedding.word_embeddings.weight"
         shape = list(param.shape)
         dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
         if dim >= 0:

@@ -85,6 +85,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def will_load(root: Path, load: str | None) -> bool:
+    """Whether the trainer starts from a checkpoint (a resume under ``root``, or ``checkpoint.load``),
+    decided before the model is built so that its random initialisation can be skipped. A
+    ``load`` that is not a checkpoint fails here, before anything expensive."""
+    if latest_checkpoint(root) is not None:
+        return True
+    if load:
+        resolve_checkpoint(load)
+    return bool(load)
+
+
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "untie_embeddings")
 

@@ -73,6 +73,11 @@ class CheckpointManager:
             log(note)
 
     # -- start ---------------------------------------------------------------------------------
+    def will_load(self) -> bool:
+        """Whether this start loads a checkpoint into every parameter (decided before the model is
+        built, so that its random initialisation can be skipped)."""
+        return ckpt.will_load(self.root, self.cfg.checkpoint.load)
+
     def restore(self, model, optimizer, scheduler) -> tuple[int, dict | None]:
         """Load what this start needs; returns (step, the run's train state on a resume, else None)."""
         c = self.cfg.checkpoint
@@ -85,6 +90,8 @@ class CheckpointManager:
         if latest is None:
             with_opt = c.load_optimizer and ckpt.read_meta(source).get("has_optimizer", True)
             ckpt.load_checkpoint(source, model, optimizer if with_opt else None)
+            if not with_opt:  # bf16: the optimizer's fp32 main weights were copied from the unloaded model
+                optimizer.reload_model_params()
             scheduler.step(increment=0)  # the loaded param groups carry the old run's learning rate
             self.log(f"initialised from {source} ({'model and optimizer' if with_opt else 'model only'}); "
                      "schedule and data start fresh")

@@ -68,7 +68,11 @@ class Trainer:
         self.backend = resolve_attention_backend(cfg.model)
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed)
+        self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, self._log)
+        init = not self.checkpoints.will_load()
+        model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed, init=init)
+        self._log("parameters randomly initialised" if init else
+                  "random initialisation skipped: a checkpoint will be loaded into every parameter")
         model.to(self.device)
         self.model = DistributedDataParallel(
             config=self.tconfig,
@@ -87,7 +91,6 @@ class Trainer:
         self.domains = DomainTracker(self.loader.domain_names)
         self.peak_tflops = gpu_spec(cfg.train.gpu).bf16_tflops
         self.skipped_in_row = 0
-        self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, self._log)
         self._log(self.checkpoints.size_report())
         self.step, train_state = self.checkpoints.restore(self.model, self.optimizer, self.scheduler)
         self.load_train_state(train_state or {})
