@@ -15,11 +15,13 @@
 #   CONTAINER_IMAGE    run the processes in this image with pyxis (srun --container-image)
 #   CONTAINER_MOUNTS   pyxis --container-mounts (the repo is always added); mount data and run dirs
 #   MASTER_ADDR / MASTER_PORT   rendezvous (default: first node's address, 10000 + job id % 20000)
-#   PROLONG_TMPDIR     per-job scratch folder (default: $TMPDIR or /tmp, + /prolong-<cluster>-<job id>);
-#                      exported as TMPDIR to the processes, removed on every node at the end
+#   PROLONG_TMPDIR     folder to make the job's scratch folder in (default: $TMPDIR, else /tmp): a new
+#                      prolong-<cluster>-<job id>.XXXXXX inside it is exported as TMPDIR to the
+#                      processes and removed on every node at the end (PROLONG_TMPDIR itself never)
 #   PROLONG_CLEAN_SHM  1 (default): on exclusive nodes, remove leaked mosaicml-streaming shared
 #                      memory (/dev/shm/NNNNNN_*) this job's user created after the job started
-#   SRUN_EXTRA_ARGS    extra srun arguments for the training step (word-split)
+#   SRUN_EXTRA_ARGS    extra srun arguments for the training step, split at whitespace; no globbing
+#                      and no quote processing (--nodelist=gpu[01-08] arrives as written)
 #   TASK_EXIT_WAIT     seconds srun waits for the other tasks once one has exited (default 300)
 #   PROLONG_RESIGNAL   seconds between repeats of a forwarded USR1 until the step ends (default 30)
 #   PROLONG_REQUEUE    1 (default): requeue the job when training exits with 75 (checkpointed)
@@ -70,10 +72,15 @@ prolong_init() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
     export PYTHONUNBUFFERED=1
 
-    # Per-job scratch: mosaicml-streaming, compile caches and friends write under TMPDIR.
-    PROLONG_TMPDIR=${PROLONG_TMPDIR:-${TMPDIR:-/tmp}/prolong-${SLURM_CLUSTER_NAME:-slurm}-$SLURM_JOB_ID}
-    mkdir -p "$PROLONG_TMPDIR"
-    export TMPDIR=$PROLONG_TMPDIR
+    # Per-job scratch: mosaicml-streaming, compile caches and friends write under TMPDIR. A new
+    # folder of our own inside PROLONG_TMPDIR (a user's /scratch/$USER must survive the cleanup);
+    # random, so a requeue or a leftover of an earlier job never shares it.
+    local base=${PROLONG_TMPDIR:-${TMPDIR:-/tmp}}
+    if ! mkdir -p "$base" || ! PROLONG_JOB_TMPDIR=$(mktemp -d "$base/prolong-${SLURM_CLUSTER_NAME:-slurm}-$SLURM_JOB_ID.XXXXXX"); then
+        echo "$PROLONG_JOB_KIND: cannot create a scratch folder in PROLONG_TMPDIR=$base; set PROLONG_TMPDIR to a writable folder" >&2
+        exit 64
+    fi
+    export TMPDIR=$PROLONG_JOB_TMPDIR
 
     # Python: container, virtualenv, or whatever python3 is on PATH.
     PROLONG_CONTAINER_ARGS=()
@@ -188,8 +195,8 @@ prolong_srun_one() {
 prolong_srun_all() {
     local ntasks=$(( NNODES * GPUS_PER_NODE ))
     local extra=()
-    # shellcheck disable=SC2206  # word splitting of SRUN_EXTRA_ARGS is the point
-    [[ -n "${SRUN_EXTRA_ARGS:-}" ]] && extra=(${SRUN_EXTRA_ARGS})
+    # Split at whitespace by read (which never globs: gpu[01-08] stays as written).
+    [[ -n "${SRUN_EXTRA_ARGS:-}" ]] && read -r -a extra <<< "$SRUN_EXTRA_ARGS"
     prolong_log "launching $ntasks processes ($NNODES node(s) x $GPUS_PER_NODE, $CPUS_PER_TASK CPUs each)," \
         "rendezvous $MASTER_ADDR:$MASTER_PORT${CONTAINER_IMAGE:+, container $CONTAINER_IMAGE}"
     # USR1 is ignored until the trainer installs its handler (an ignored signal stays ignored
@@ -267,9 +274,9 @@ prolong_cleanup() {
     local script='rm -rf "$1"; if [ "$2" = 1 ]; then find /dev/shm -maxdepth 1 -type f -user "$(id -u)" -newermt "@$3" -regextype posix-extended -regex ".*/[0-9]{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|epoch_shape|epoch_data)" -delete 2>/dev/null; fi; true'
     if (( NNODES > 1 )); then
         srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --overlap --kill-on-bad-exit=0 \
-            bash -c "$script" prolong-cleanup "$PROLONG_TMPDIR" "$clean_shm" "$PROLONG_JOB_START" || true
+            bash -c "$script" prolong-cleanup "$PROLONG_JOB_TMPDIR" "$clean_shm" "$PROLONG_JOB_START" || true
     fi
-    bash -c "$script" prolong-cleanup "$PROLONG_TMPDIR" "$clean_shm" "$PROLONG_JOB_START" || true
+    bash -c "$script" prolong-cleanup "$PROLONG_JOB_TMPDIR" "$clean_shm" "$PROLONG_JOB_START" || true
 }
 
 # Decide about requeueing after a training step that exited with $1, clean up, and exit with it.

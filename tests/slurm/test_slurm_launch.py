@@ -113,7 +113,7 @@ def test_cpt_trains_with_two_processes(slurm_cluster, reference):
     # The job's own output file holds the same lines; the per-job TMPDIR is gone.
     assert "finished (exit 0)" in out.read_text()
     cluster_name = slurm_cluster.conf.read_text().split("ClusterName=")[1].split()[0]
-    assert not Path(f"/tmp/prolong-{cluster_name}-{job}").exists()
+    assert not list(Path("/tmp").glob(f"prolong-{cluster_name}-{job}.*"))
 
 
 @pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1)], ids=["1node-x2", "2nodes-x1"])
@@ -188,17 +188,23 @@ def stub_repo(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(REPO / "slurm", repo / "slurm")
     (repo / "tools").mkdir()
-    stub = ("import json, os, sys\n"
+    # 'step': the step's name as Slurm records it (srun --job-name inside a job names the step).
+    stub = ("import json, os, subprocess, sys\n"
+            "step = f\"{os.environ.get('SLURM_JOB_ID')}.{os.environ.get('SLURM_STEP_ID')}\"\n"
+            "info = subprocess.run(['scontrol', '-o', 'show', 'step', step], capture_output=True, text=True).stdout\n"
+            "name = info.split(' Name=')[1].split()[0] if ' Name=' in info else None\n"
             "print('ARGV ' + json.dumps({'rank': os.environ.get('SLURM_PROCID'), 'tool': os.path.basename(sys.argv[0]),"
-            " 'argv': sys.argv[1:], 'master': os.environ.get('MASTER_ADDR')}), flush=True)\n"
+            " 'argv': sys.argv[1:], 'master': os.environ.get('MASTER_ADDR'), 'tmpdir': os.environ.get('TMPDIR'),"
+            " 'node': os.environ.get('SLURMD_NODENAME'), 'step': name}), flush=True)\n"
             "sys.exit(int(os.environ.get('STUB_EXIT', '0')))\n")
     for tool in ("convert_checkpoint.py", "eval_long.py"):
         (repo / "tools" / tool).write_text(stub)
     return repo
 
 
-def _argv_lines(text: str) -> list[dict]:
-    return [json.loads(line.split("ARGV ", 1)[1]) for line in text.splitlines() if "ARGV " in line]
+def _argv_lines(text: str, keys=("rank", "tool", "argv", "master")) -> list[dict]:
+    lines = [json.loads(line.split("ARGV ", 1)[1]) for line in text.splitlines() if "ARGV " in line]
+    return [{k: r[k] for k in keys} for r in lines]
 
 
 ODD_ARGS = ("score", "--input", "a file with spaces.jsonl", "--flag=$HOME", "*", "it's", "")
@@ -221,6 +227,34 @@ def test_convert_and_eval_pass_arguments_unchanged(slurm_cluster, stub_repo, tmp
     lines = sorted(_argv_lines(text), key=lambda r: r["rank"])
     assert [r["rank"] for r in lines] == ["0", "1"], text  # GPUS_PER_NODE=2 processes
     assert all(r["argv"] == list(ODD_ARGS) and r["tool"] == "eval_long.py" for r in lines), text
+
+
+def test_scratch_and_extra_args(slurm_cluster, stub_repo, tmp_path):
+    """PROLONG_TMPDIR=<a user's scratch>: each node's task gets a new folder inside it, and only that
+    folder goes at the end; SRUN_EXTRA_ARGS reaches srun unglobbed although a file in the submit
+    folder matches each pattern (globbed, the step would be named after that file)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("mine")
+    nodes = f"{slurm_cluster.host}-[1-2]"
+    (tmp_path / f"--nodelist={slurm_cluster.host}-1").write_text("")
+    (tmp_path / "--job-name=step-globbed").write_text("")
+    env = _env(slurm_cluster, GPUS_PER_NODE="1", PROLONG_TMPDIR=str(scratch),
+               SRUN_EXTRA_ARGS=f"--nodelist={nodes}  --job-name=step-*")
+    job, rc = run_job(slurm_cluster, tmp_path, "eval.sh", "x", env=env,
+                      sbatch_args=("--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1"),
+                      script_path=stub_repo / "slurm" / "eval.sh")
+    text = (tmp_path / f"prolong-eval-{job}.out").read_text()
+    assert rc == 0, explain(slurm_cluster, job)
+    lines = _argv_lines(text, keys=("rank", "tmpdir", "node", "step"))
+    assert sorted(r["node"] for r in lines) == [f"{slurm_cluster.host}-1", f"{slurm_cluster.host}-2"], text
+    assert [r["step"] for r in lines] == ["step-*", "step-*"], text
+    tmpdirs = {Path(r["tmpdir"]) for r in lines}
+    assert len(tmpdirs) == 1, text  # the same path on every node
+    own = tmpdirs.pop()
+    assert own.parent == scratch and own.name.startswith("prolong-"), own
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt"], text
+    assert (scratch / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("tool,script", [("convert_checkpoint.py", "convert.sh"), ("eval_long.py", "eval.sh")])
