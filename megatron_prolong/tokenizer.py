@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
+
+# Files that make up a Hugging Face tokenizer folder (whatever the tokenizer class).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
 
 
 class Tokenizer(Protocol):
     vocab_size: int
     bos_id: int
     eos_id: int
+    eos_ids: list[int]  # every id that ends generation (eos_id first)
+    pad_id: int | None
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -23,6 +33,8 @@ class ByteTokenizer:
     vocab_size = 258
     bos_id = 256
     eos_id = 257
+    eos_ids = [257]
+    pad_id = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -46,6 +58,12 @@ class HFTokenizer:
         self.vocab_size = len(self._tok)
         self.bos_id = self._tok.bos_token_id
         self.eos_id = self._tok.eos_token_id
+        self.pad_id = self._tok.pad_token_id
+        # A model snapshot used as the tokenizer folder (Llama-3-8B-Instruct) names more ends of
+        # generation in its generation_config.json (<|end_of_text|> and <|eot_id|>).
+        gen = Path(path) / "generation_config.json"
+        extra = as_id_list(json.loads(gen.read_text()).get("eos_token_id")) if gen.is_file() else []
+        self.eos_ids = unique_ids([self.eos_id, *extra])
 
     @property
     def hf(self):
@@ -72,3 +90,50 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             raise ValueError("tokenizer.kind=hf needs tokenizer.path=<local Hugging Face tokenizer folder>")
         return HFTokenizer(cfg.path)
     raise ValueError(f"tokenizer.kind={cfg.kind!r} is unknown; use 'byte' or 'hf'")
+
+
+def as_id_list(value: int | list[int] | None) -> list[int]:
+    """A config's ``eos_token_id`` (absent, one id or a list) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def unique_ids(ids: list[int | None]) -> list[int]:
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def read_tokenizer_files(folder: str | Path) -> dict[str, str | dict[str, str]]:
+    """The tokenizer files of ``folder`` by name: text as is, binary files as ``{"base64": ...}``."""
+    out: dict[str, str | dict[str, str]] = {}
+    for name in TOKENIZER_FILES:
+        f = Path(folder) / name
+        if f.is_file():
+            data = f.read_bytes()
+            try:
+                out[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                out[name] = {"base64": base64.b64encode(data).decode("ascii")}
+    return out
+
+
+def write_tokenizer_files(files: dict[str, str | dict[str, str]], dst: Path) -> list[str]:
+    """Write what :func:`read_tokenizer_files` returned into ``dst``; the names written."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if name not in TOKENIZER_FILES:  # names come from a checkpoint: no paths
+            raise ValueError(f"unexpected tokenizer file name {name!r} in checkpoint metadata")
+        raw = base64.b64decode(data["base64"]) if isinstance(data, dict) else data.encode("utf-8")
+        (dst / name).write_bytes(raw)
+    return sorted(files)
+
+
+def checkpoint_record(cfg: TokenizerConfig) -> dict:
+    """What every checkpoint keeps of its tokenizer: the config, the ids generation needs (an
+    export's ``config.json`` / ``generation_config.json``) and, for a Hugging Face tokenizer, its
+    files, so that the checkpoint exports a working tokenizer even after the folder moved."""
+    tok = build_tokenizer(cfg)
+    return {
+        **asdict(cfg), "bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids), "pad_token_id": tok.pad_id,
+        "files": read_tokenizer_files(cfg.path) if cfg.kind == "hf" else {},
+    }

@@ -13,12 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_prolong.convert.mapping import ConversionError
-
-# Files that make up a Hugging Face tokenizer folder (whatever the tokenizer class).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
+from megatron_prolong.tokenizer import TOKENIZER_FILES
 
 
 @contextlib.contextmanager

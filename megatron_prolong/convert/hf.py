@@ -18,6 +18,9 @@ import torch
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, progress, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, entries, expand, expected_shape, fmt
+from megatron_prolong.tokenizer import (
+    TokenizerConfig, as_id_list, checkpoint_record, unique_ids, write_tokenizer_files,
+)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # What Megatron's RotaryEmbedding hard-codes for Llama-3.1 scaling.
@@ -145,14 +148,19 @@ def _default_inv_freq(hf) -> tuple[torch.Tensor, float]:
 
 
 def hf_config_for(model: ModelConfig, vocab_size: int, seq_length: int, dtype: torch.dtype,
-                  base: dict | None = None) -> dict:
-    """config.json for the checkpoint, in the layout the installed transformers reads back."""
+                  base: dict | None = None, token_ids: dict | None = None) -> dict:
+    """config.json for the checkpoint, in the layout the installed transformers reads back.
+
+    ``token_ids`` (a tokenizer record's bos/eos/pad) are written explicitly, unknown ones as null:
+    left out, transformers would read its defaults 1 and 2, which stop nothing in a Llama-3 vocabulary.
+    """
     from transformers import LlamaConfig
 
-    kept = {}
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "pretraining_tp", "use_cache"):
-        if base and k in base:
-            kept[k] = base[k]
+    kept = {k: base[k] for k in ("initializer_range", "pretraining_tp", "use_cache") if base and k in base}
+    if token_ids is not None:
+        eos = token_ids.get("eos_token_id") or []
+        kept.update(bos_token_id=token_ids.get("bos_token_id"), pad_token_id=token_ids.get("pad_token_id"),
+                    eos_token_id=(eos[0] if len(eos) == 1 else eos) or None)
     fields = dict(
         kept, architectures=["LlamaForCausalLM"], model_type="llama",
         vocab_size=vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
@@ -177,6 +185,45 @@ def hf_config_for(model: ModelConfig, vocab_size: int, seq_length: int, dtype: t
     cfg = LlamaConfig(**fields).to_diff_dict()  # what save_pretrained writes
     cfg.pop("_name_or_path", None)
     return cfg
+
+
+def source_token_ids(cfg: dict, folder: Path) -> dict:
+    """bos/eos/pad ids a Hugging Face model folder states (generation_config.json, then config.json)."""
+    gen_file = Path(folder) / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    return {
+        "bos_token_id": gen.get("bos_token_id", cfg.get("bos_token_id")),
+        "eos_token_id": unique_ids(as_id_list(gen.get("eos_token_id")) + as_id_list(cfg.get("eos_token_id"))),
+        "pad_token_id": gen.get("pad_token_id", cfg.get("pad_token_id")),
+    }
+
+
+def export_tokenizer(ckpt: Path, meta: dict, tokenizer: str | Path | None) -> dict:
+    """The tokenizer record an export uses: ``--tokenizer DIR``, else the checkpoint's own record;
+    for checkpoints written before records carried ids, one rebuilt from what the checkpoint has."""
+    from megatron_prolong.convert import mcore
+
+    if tokenizer:
+        return mcore.folder_record(Path(tokenizer), str(tokenizer))
+    record = dict(meta.get("tokenizer") or {})
+    if "eos_token_id" in record:
+        return record
+    if record.get("kind") == "byte":
+        return checkpoint_record(TokenizerConfig(kind="byte"))
+    ids = source_token_ids(json.loads((ckpt / "hf_config.json").read_text()), ckpt) \
+        if (ckpt / "hf_config.json").is_file() else None
+    return mcore.folder_record(mcore.checkpoint_tokenizer(ckpt, meta), record.get("path"), ids)
+
+
+def write_generation_config(out: Path, record: dict, base: Path | None) -> None:
+    """generation_config.json with every end-of-generation id (``base``'s sampling settings kept)."""
+    from transformers import GenerationConfig
+
+    settings = json.loads(base.read_text()) if base is not None and base.is_file() else {}
+    settings.pop("transformers_version", None)
+    settings.update(bos_token_id=record.get("bos_token_id"), eos_token_id=record["eos_token_id"],
+                    pad_token_id=record.get("pad_token_id"))
+    GenerationConfig(**{k: v for k, v in settings.items() if v is not None}).save_pretrained(out)
 
 
 # ---------------------------------------------------------------------------- safetensors
@@ -352,11 +399,12 @@ def hf_to_mcore(src: str | Path, out: str | Path, *, rope_base: float | None = N
         del gpt
         has_tok = copy_tokenizer(tokenizer or src, tmp / "tokenizer")
         (tmp / "hf_config.json").write_text(json.dumps(cfg, indent=2))
-        for extra in ("generation_config.json",):
-            if (src / extra).is_file():
-                shutil.copy2(src / extra, tmp / extra)
+        if (src / "generation_config.json").is_file():
+            # Also beside the tokenizer: a run with tokenizer.path=OUT/tokenizer then records the same EOS ids.
+            for dst in (tmp, *([tmp / "tokenizer"] if has_tok else [])):
+                shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
         meta = mcore.write_meta(tmp, model, vocab_size, seq, str(out / "tokenizer") if has_tok else None,
-                                {"kind": "hf", "path": str(src.absolute())})
+                                {"kind": "hf", "path": str(src.absolute())}, source_token_ids(cfg, src))
         (tmp / "train_overrides.txt").write_text(" ".join(mcore.trainer_overrides(meta, out)) + "\n")
     info(f"wrote {out}")
     return out
@@ -380,10 +428,20 @@ def mcore_to_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, s
         base = None
         if (ckpt / "hf_config.json").is_file():
             base = json.loads((ckpt / "hf_config.json").read_text())
-        cfg = hf_config_for(model, vocab_size, seq, tdtype, base)
+        record = export_tokenizer(ckpt, meta, tokenizer)
+        cfg = hf_config_for(model, vocab_size, seq, tdtype, base, record)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if (ckpt / "generation_config.json").is_file():
-            shutil.copy2(ckpt / "generation_config.json", tmp / "generation_config.json")
-        copy_tokenizer(tokenizer or mcore.checkpoint_tokenizer(ckpt, meta), tmp)
-    info(f"wrote {out} (rope_theta {model.rope_base:g}, max_position_embeddings {seq})")
+        if record["eos_token_id"]:
+            write_generation_config(tmp, record, ckpt / "generation_config.json")
+        else:
+            warn("the checkpoint records no end-of-sequence id: generate() will run to max_new_tokens; "
+                 "pass --tokenizer DIR (a Hugging Face tokenizer folder) to set one")
+        if record.get("files"):
+            write_tokenizer_files(record["files"], tmp)
+        elif record.get("kind") == "byte":
+            warn("the byte tokenizer has no Hugging Face files: ids 0-255 are bytes, BOS 256, EOS 257")
+        else:
+            copy_tokenizer(mcore.checkpoint_tokenizer(ckpt, meta), tmp)
+    info(f"wrote {out} (rope_theta {model.rope_base:g}, max_position_embeddings {seq}, bos "
+         f"{record.get('bos_token_id')}, eos {record['eos_token_id']})")
     return out

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-from megatron_prolong.convert.common import progress
+from megatron_prolong.convert.common import progress, tokenizer_files, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
+from megatron_prolong.tokenizer import TokenizerConfig, checkpoint_record, read_tokenizer_files
 
 META = "prolong_meta.json"
 FORMAT = "megatron-prolong/1"
@@ -206,14 +207,33 @@ def save_model(gpt, out: Path, prefix: str = "", extra_common: dict | None = Non
 
 
 def write_meta(out: Path, model: ModelConfig, vocab_size: int, seq_length: int, tokenizer_path: str | None,
-               source: dict) -> dict:
+               source: dict, token_ids: dict | None = None) -> dict:
+    """prolong_meta.json of a conversion output ``out`` (its ``tokenizer/`` already written).
+
+    The tokenizer record is the trainer's (:func:`megatron_prolong.tokenizer.checkpoint_record`),
+    with ``token_ids`` (the source model's own bos/eos/pad ids, when it states them) on top.
+    """
     meta = {
         "model": asdict(model), "vocab_size": vocab_size, "seq_length": seq_length,
-        "tokenizer": {"kind": "hf", "path": tokenizer_path}, "format": FORMAT, "step": 0,
+        "tokenizer": folder_record(out / "tokenizer", tokenizer_path, token_ids), "format": FORMAT, "step": 0,
         "has_optimizer": False, "converted_from": source,
     }
     (out / META).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def folder_record(folder: Path | None, recorded_path: str | None, token_ids: dict | None = None) -> dict:
+    """The tokenizer record of a Hugging Face tokenizer folder (ids and files), saying ``recorded_path``."""
+    record = {"kind": "hf", "path": recorded_path, "bos_token_id": None, "eos_token_id": [], "pad_token_id": None,
+              "files": {}}
+    if folder is not None and tokenizer_files(folder):
+        try:
+            record.update(checkpoint_record(TokenizerConfig(kind="hf", path=str(folder))), path=recorded_path)
+        except Exception as err:  # files a converter can copy but transformers cannot load
+            warn(f"the tokenizer in {folder} does not load ({err}); its special ids are not recorded")
+            record["files"] = read_tokenizer_files(folder)
+    record.update({k: v for k, v in (token_ids or {}).items() if v not in (None, [])})
+    return record
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict]:

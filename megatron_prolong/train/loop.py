@@ -22,7 +22,7 @@ from megatron_prolong.data.synthetic import write_synthetic_corpus
 from megatron_prolong.model.loss import BlockwiseLoss
 from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
 from megatron_prolong.parallel.distributed import Topology
-from megatron_prolong.tokenizer import build_tokenizer
+from megatron_prolong.tokenizer import build_tokenizer, checkpoint_record
 from megatron_prolong.train.checkpoint_manager import CheckpointManager
 from megatron_prolong.train.flops import gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.metrics import MetricsWriter
@@ -38,7 +38,7 @@ def _device() -> torch.device:
 def _meta(cfg: ProLongConfig, vocab_size: int) -> dict:
     return {
         "model": asdict(cfg.model), "vocab_size": vocab_size, "seq_length": cfg.data.seq_length,
-        "tokenizer": asdict(cfg.tokenizer), "format": "megatron-prolong/1",
+        "tokenizer": checkpoint_record(cfg.tokenizer), "format": "megatron-prolong/1",
     }
 
 

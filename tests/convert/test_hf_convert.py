@@ -58,7 +58,9 @@ def test_overrides_reach_config_json(tmp_path):
     _, meta = read_checkpoint(tmp_path / "mc")
     assert meta["model"]["rope_base"] == 8e6 and meta["seq_length"] == 65536
     assert meta["has_optimizer"] is False
-    assert meta["tokenizer"] == {"kind": "hf", "path": str(tmp_path / "mc" / "tokenizer")}
+    tok = meta["tokenizer"]
+    assert (tok["kind"], tok["path"]) == ("hf", str(tmp_path / "mc" / "tokenizer"))
+    assert (tok["bos_token_id"], tok["eos_token_id"]) == (1, [2]) and "tokenizer.json" in tok["files"]
     from megatron_prolong.tokenizer import HFTokenizer
 
     assert HFTokenizer(meta["tokenizer"]["path"]).vocab_size == VOCAB
@@ -66,7 +68,7 @@ def test_overrides_reach_config_json(tmp_path):
     mcore_to_hf(tmp_path / "mc", tmp_path / "back")
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg["rope_theta"] == 8e6 and cfg["max_position_embeddings"] == 65536
-    assert cfg["bos_token_id"] == 1 and cfg["eos_token_id"] == 2  # kept from the source config
+    assert cfg["bos_token_id"] == 1 and cfg["eos_token_id"] == 2  # the source's (other ids: test_export_generation)
     from transformers import AutoConfig
 
     loaded = AutoConfig.from_pretrained(tmp_path / "back")
