@@ -1,4 +1,4 @@
-"""``eval_long.py SUBCOMMAND ...``; ``score`` is the first subcommand."""
+"""``eval_long.py SUBCOMMAND ...``: score, generate, recall, position-loss, helmet-command."""
 
 from __future__ import annotations
 
@@ -8,32 +8,64 @@ import sys
 from megatron_prolong.convert.mapping import ConversionError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval_long.py", description="Evaluate megatron-prolong checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("score", help="per-token log-probabilities of (packed) lines, document-masked",
-                       description="Each input JSON line has input_ids and optional indices ((start, end) document "
-                                   "boundaries); each output line adds token_logprobs (null at document starts). "
-                                   "Launch with torchrun for TP/CP (--tp/--cp); other ranks split the lines.")
+def _model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--checkpoint", required=True, help="checkpoint folder, checkpoints/ root or run folder")
-    s.add_argument("--input", required=True)
-    s.add_argument("--output", required=True)
     s.add_argument("--tp", type=int, default=1)
     s.add_argument("--cp", type=int, default=1)
     s.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (default: the checkpoint's)")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval_long.py", description="Evaluate megatron-prolong checkpoints. "
+                                "Launch with torchrun for TP/CP (--tp/--cp); other ranks split the lines.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="per-token log-probabilities of (packed) lines, document-masked",
+                       description="Each input JSON line has input_ids and optional indices ((start, end) document "
+                                   "boundaries); each output line adds token_logprobs (null at document starts).")
+    _model_args(s)
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", required=True)
     s.add_argument("--chunk", type=int, default=2048, help="tokens per output-layer block (default 2048)")
+
+    g = sub.add_parser("generate", help="greedy generation with a KV cache",
+                       description="Each input JSON line has input_ids (optional indices: generation continues "
+                                   "the last document) or prompt (tokenized with the checkpoint's tokenizer, "
+                                   "its special tokens added); each output line adds output_ids (greedy, ending "
+                                   "at an EOS id), output_logprobs and text.")
+    _model_args(g)
+    g.add_argument("--input", required=True)
+    g.add_argument("--output", required=True)
+    g.add_argument("--max-new-tokens", type=int, required=True)
+    g.add_argument("--max-length", type=int, help="longest prompt + output accepted (default: the checkpoint's "
+                                                  "seq_length)")
+    g.add_argument("--eos-ids", type=_ints, help="comma-separated stop ids (default: the tokenizer's EOS and "
+                                                 "generation_config.json's eos_token_id)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_prolong.eval.score import ScoreInputError, score_file
+    from megatron_prolong.eval.rows import EvalInputError
 
     try:
-        n = score_file(args.checkpoint, args.input, args.output, tp=args.tp, cp=args.cp, dtype=args.dtype,
-                       chunk=args.chunk)
-    except (ConversionError, ScoreInputError, FileNotFoundError) as err:
+        if args.command == "score":
+            from megatron_prolong.eval.score import score_file
+
+            n = score_file(args.checkpoint, args.input, args.output, tp=args.tp, cp=args.cp, dtype=args.dtype,
+                           chunk=args.chunk)
+            print(f"[eval] scored {n} lines -> {args.output}", file=sys.stderr)
+        elif args.command == "generate":
+            from megatron_prolong.eval.generate import generate_file
+
+            n = generate_file(args.checkpoint, args.input, args.output, max_new_tokens=args.max_new_tokens,
+                              tp=args.tp, cp=args.cp, dtype=args.dtype, max_length=args.max_length,
+                              eos=args.eos_ids)
+            print(f"[eval] generated for {n} lines -> {args.output}", file=sys.stderr)
+    except (ConversionError, EvalInputError, FileNotFoundError) as err:
         print(f"eval_long.py: error: {err}", file=sys.stderr)
         return 1
-    print(f"[eval] scored {n} lines -> {args.output}", file=sys.stderr)
     return 0

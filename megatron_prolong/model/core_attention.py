@@ -34,6 +34,7 @@ class DocumentCoreAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
+        self.layer_number = layer_number
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.cp_group = (
             pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
@@ -68,8 +69,14 @@ class DocumentCoreAttention(MegatronModule):
         emb = packed_seq_params.rope_emb(self.inv_freq.to(query.device), self.interpolation_factor)
         query = _apply_rotary_pos_emb_bshd(query, emb)
         key = _apply_rotary_pos_emb_bshd(key, emb)
+        cache = getattr(packed_seq_params, "kv_cache", None)  # generation (megatron_prolong.eval.kv_cache)
+        if cache is not None and cache.decoding:
+            return cache.decode(self.layer_number, query, key, value, self.softmax_scale)
         cp_group = self.cp_group if self.cp_group is not None and self.cp_group.size() > 1 else None
-        return document_attention(
+        out = document_attention(
             query, key, value, packed_seq_params.layout,
             cp_group=cp_group, backend=self.kernel, softmax_scale=self.softmax_scale,
         )
+        if cache is not None:
+            cache.store(self.layer_number, key, value)
+        return out
