@@ -67,11 +67,10 @@ def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, ti
     return run
 
 
-# Small, fast, float32 runs for comparing parallel layouts step by step.
-PARITY = (
-    "train.steps=4", "data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
-    "train.precision=fp32", "log.tensorboard=false", "checkpoint.save_interval=0",
-)
+# Small, fast, float32 runs: checkpoint tests, and comparing parallel layouts step by step.
+SMALL = ("data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
+         "train.precision=fp32", "log.tensorboard=false")
+PARITY = ("train.steps=4", *SMALL, "checkpoint.save_interval=0")
 
 
 def assert_losses_close(a: list[float], b: list[float], rel: float = 1e-4) -> None:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,6 +63,39 @@ def _si(n: float, unit: str) -> str:
     while n >= 1000 and i < len(prefixes) - 1:
         n, i = n / 1000, i + 1
     return f"{n:.3g} {prefixes[i]}{unit}"
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    params: int
+    bytes_per_param: int
+    what: str
+    saves: int
+    kept: int  # left at the end
+    peak: int  # on disk at once: the kept ones plus the one being written
+    policy: str
+
+    @property
+    def each(self) -> int:
+        return self.params * self.bytes_per_param
+
+    def report(self, root: Path) -> str:
+        return (f"checkpoints: about {_si(self.each, 'B')} each ({_si(self.params, 'parameters')} x "
+                f"{self.bytes_per_param} bytes: {self.what}); {self.saves} saves, {self.policy}: {self.kept} "
+                f"left at the end, {_si(self.kept * self.each, 'B')} (up to {_si(self.peak * self.each, 'B')} "
+                f"while one is written) in {root}")
+
+
+def estimate_disk(cfg: ProLongConfig, vocab_size: int) -> DiskEstimate:
+    """Bytes per checkpoint (parameters x bytes each) and checkpoints on disk under the retention policy."""
+    c = cfg.checkpoint
+    per_param, what = checkpoint_bytes_per_param(cfg.train.precision)
+    saves = save_steps(cfg.train.steps, c.save_interval)
+    kept, peak = retention(saves, c.keep_last, c.keep_every)
+    policy = (f"checkpoint.keep_last={c.keep_last}, keep_every={c.keep_every}" if c.keep_last
+              else "checkpoint.keep_last unset: all are kept")
+    return DiskEstimate(rank_params(cfg.model, vocab_size, tp=1, pp=1), per_param, what, len(saves), kept, peak,
+                        policy)
 
 
 class CheckpointManager:
@@ -151,15 +185,4 @@ class CheckpointManager:
         )
 
     def size_report(self) -> str:
-        """Expected bytes per checkpoint (parameters x bytes each) and on disk under the retention policy."""
-        cfg, c = self.cfg, self.cfg.checkpoint
-        params = rank_params(cfg.model, self.vocab_size, tp=1, pp=1)
-        per_param, what = checkpoint_bytes_per_param(cfg.train.precision)
-        each = params * per_param
-        saves = save_steps(cfg.train.steps, c.save_interval)
-        kept, peak = retention(saves, c.keep_last, c.keep_every)
-        policy = (f"checkpoint.keep_last={c.keep_last}, keep_every={c.keep_every}" if c.keep_last
-                  else "checkpoint.keep_last unset: all are kept")
-        return (f"checkpoints: about {_si(each, 'B')} each ({_si(params, 'parameters')} x {per_param} bytes: {what}); "
-                f"{len(saves)} saves, {policy}: {kept} left at the end, {_si(kept * each, 'B')} "
-                f"(up to {_si(peak * each, 'B')} while one is written) in {self.root}")
+        return estimate_disk(self.cfg, self.vocab_size).report(self.root)

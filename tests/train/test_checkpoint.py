@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainrun import assert_losses_close, read_metrics, start, train
-
-SMALL = ("data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
-         "train.precision=fp32", "log.tensorboard=false")
+from trainrun import SMALL, assert_losses_close, read_metrics, start, train
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
