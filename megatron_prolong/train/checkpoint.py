@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_prolong import safe_checkpoint
 from megatron_prolong.train import mcore_fixes
 
 mcore_fixes.apply()
@@ -182,6 +183,7 @@ def _materialize_adam_state(optimizer) -> bool:
 
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load model (and optimizer when given) in place; returns scheduler state, step and this rank's extras."""
+    safe_checkpoint.verify(path)  # before PyTorch unpickles .metadata and the common state
     fresh = optimizer is not None and _materialize_adam_state(optimizer)
     sd = _sharded_state(model, optimizer, is_loading=True)
     sd["scheduler"] = None
