@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Continued pre-training (ProLong stages: 64K, then 512K) on Megatron-Core, one process per GPU.
 #
-#   sbatch -N 8 slurm/cpt.sh experiment=prolong_64k data.root=/data/prolong run.dir=/ckpt/stage1
+#   sbatch -N 8 slurm/cpt.sh experiment=prolong_64k data.root=/data/prolong-data-64K run.dir=/ckpt/stage1
 #
 # Everything after the script name goes to Hydra unchanged. Any #SBATCH line below can be
 # overridden on the sbatch command line (-N, --time, --partition, --account, ...). Logs: the job's

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Supervised fine-tuning (ProLong's short-instruction SFT stage) on Megatron-Core, one process per GPU.
 #
-#   sbatch -N 1 slurm/sft.sh experiment=prolong_sft data.root=/data/ultrachat \
+#   sbatch -N 1 slurm/sft.sh experiment=prolong_sft data.root=/data \
 #       checkpoint.load=/ckpt/stage2 run.dir=/ckpt/sft
 #
 # Same launcher as slurm/cpt.sh (see its header for the environment, NCCL/CUDA knobs, logs and

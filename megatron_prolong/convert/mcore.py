@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megatron_prolong import safe_checkpoint
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.convert.common import progress, tokenizer_files, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
@@ -64,6 +65,14 @@ def megatron_session(parallel: ParallelConfig | None = None, seed: int = 0) -> I
                 dist.destroy_process_group()
 
 
+def verify_safe(path: Path) -> None:
+    """Refuse a distributed checkpoint whose pickles would run code (see megatron_prolong.safe_checkpoint)."""
+    try:
+        safe_checkpoint.verify(path)
+    except safe_checkpoint.UnsafeCheckpointError as err:
+        raise ConversionError(str(err)) from None
+
+
 def is_dist_checkpoint(path: Path) -> bool:
     return (Path(path) / "metadata.json").is_file() or (Path(path) / ".metadata").is_file()
 
@@ -81,6 +90,7 @@ class DistCheckpointReader:
         self.path = Path(path)
         if not is_dist_checkpoint(self.path):
             raise ConversionError(f"{self.path} is not a Megatron distributed checkpoint (no metadata.json)")
+        verify_safe(self.path)
         try:
             self.metadata = dist_checkpointing.load_tensors_metadata(str(self.path))
         except Exception as err:  # a damaged or foreign folder

@@ -35,6 +35,7 @@ def load_eval_model(checkpoint: str | Path, parallel: ParallelConfig, dtype: str
     from megatron_prolong.model.builder import build_model, build_transformer_config
 
     ckpt, meta = mcore.read_checkpoint(checkpoint)
+    mcore.verify_safe(ckpt)
     model_cfg = replace(mcore.model_config_from_meta(meta), attention_backend="plugin")
     if dtype is None:
         reader = mcore.DistCheckpointReader(ckpt, prefix="")

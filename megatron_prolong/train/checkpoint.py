@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_prolong import safe_checkpoint
 from megatron_prolong.train import mcore_fixes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -199,6 +200,7 @@ def _groups_keyed_as_saved(optimizer, saved_schedule: dict | None):
 
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load model (and optimizer when given) in place; returns the scheduler state and the step."""
+    safe_checkpoint.verify(path)  # before PyTorch unpickles .metadata and the common state
     fresh = optimizer is not None and mcore_fixes.materialize_adam_state(optimizer)
     sd = _sharded_state(model, optimizer, is_loading=True)
     sd["scheduler"] = None

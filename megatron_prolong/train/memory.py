@@ -27,8 +27,8 @@ and flash / document attention, which keeps no s x s score matrix, so their 5as/
   => per token  e x (4 h_sp + (2h + 2kv + 3f) / t)  (+ the softmax statistics)
   For bf16, t = 1: s (12h + 4kv + 6f) bytes; Llama-3-8B at 64K: exactly 8.5 GiB.
 
-DESIGN.md measured 9.8 GiB for a whole Megatron-Core + Transformer Engine layer of that shape
-at 64K (no recompute, TP = CP = 1). The analytic count misses implementation copies (the fused
+A whole Megatron-Core + Transformer Engine layer of that shape was measured at 9.8 GiB at 64K
+(no recompute, TP = CP = 1; docs/recipe.md, "Earlier measurements"). The analytic count misses implementation copies (the fused
 QKV output that V is a view of, RoPE outputs, allocator rounding), so the estimate multiplies
 the analytic per-layer activations by MEASURED_LAYER_FACTOR = 9.8 / 8.5 (conservative; the
 tests pin both numbers).
@@ -71,7 +71,7 @@ from megatron_prolong.config import ConfigError
 from megatron_prolong.train.flops import GPU_SPECS, gpu_spec
 
 GiB = 1024**3
-MEASURED_LAYER_GIB = 9.8  # DESIGN.md: Megatron-Core + TE layer, Llama-3-8B shape, 64K tokens
+MEASURED_LAYER_GIB = 9.8  # docs/recipe.md "Earlier measurements": Megatron-Core + TE layer, Llama-3-8B, 64K
 ANALYTIC_LAYER_GIB = 8.5  # the analytic count above for the same layer (bf16, t = 1)
 MEASURED_LAYER_FACTOR = MEASURED_LAYER_GIB / ANALYTIC_LAYER_GIB
 DEFAULT_OVERHEAD_GIB = 4.0

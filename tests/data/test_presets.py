@@ -1,4 +1,4 @@
-"""The data presets state RECIPE.md's shares and ProLong's released folder names exactly."""
+"""The data presets state the paper's shares (docs/recipe.md) and ProLong's released folder names exactly."""
 
 import os
 
@@ -29,7 +29,7 @@ def test_preset(name):
     assert got == shares
     assert abs(sum(got.values()) - 1.0) < 1e-9
     assert all(d.format == "mds" and d.name == d.path for d in cfg.mixture)
-    # Long/short split of stage 1 and 2: 60% long, 40% short (RECIPE.md).
+    # Long/short split of stage 1 and 2: 60% long, 40% short (paper; docs/recipe.md).
     if not sft:
         assert abs(sum(SHORT.values()) - 0.40) < 1e-9
 

@@ -86,7 +86,7 @@ def test_mfu():
     flops = 989e12 * 8 * 2 * 0.4  # 40% of 8 H100s for 2 seconds
     assert model_tflops_per_gpu(flops, 2.0, 8) == pytest.approx(395.6)
     assert mfu(flops, 2.0, 8, 989.0) == pytest.approx(0.4)
-    # RECIPE.md: 3,095 tokens/s/GPU at 64K; for one-document sequences that is ~30% MFU on H100.
+    # paper (docs/recipe.md): 3,095 tokens/s/GPU at 64K; for one-document sequences that is ~30% MFU on H100.
     per_token = model_flops_per_step(LLAMA3_8B, V, [65536]) / 65536
     assert mfu(per_token * 3095, 1.0, 1, 989.0) == pytest.approx(0.30, abs=0.01)
     with pytest.raises(ValueError):

@@ -38,7 +38,7 @@ def test_layer_activations_at_64k_match_the_formula_and_the_measurement():
     analytic = layer_activation_bytes(LLAMA, S64, tp=1, sequence_parallel=False, calibrated=False)
     assert analytic == S64 * (12 * H + 4 * KV + 6 * F) + S64 * 4 * 32
     assert analytic / GiB == pytest.approx(ANALYTIC_LAYER_GIB, rel=1e-3)  # 8.5 GiB (+ 8 MiB statistics)
-    # DESIGN.md: a Megatron-Core + TE layer of Llama-3-8B at 64K keeps 9.8 GiB (no recompute).
+    # docs/recipe.md ("Earlier measurements"): a Megatron-Core + TE layer of Llama-3-8B at 64K keeps 9.8 GiB (no recompute).
     calibrated = layer_activation_bytes(LLAMA, S64, tp=1, sequence_parallel=False)
     assert calibrated / GiB == pytest.approx(MEASURED_LAYER_GIB, rel=2e-3)
     est = estimate_memory(LLAMA, train(), par(), S64, world_size=8, gpu_memory_gib=80)

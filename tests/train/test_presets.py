@@ -1,4 +1,4 @@
-"""experiment=prolong_64k / prolong_512k / prolong_sft state RECIPE.md's numbers exactly, and
+"""experiment=prolong_64k / prolong_512k / prolong_sft state the recipe's numbers (docs/recipe.md, from the paper and ProLong's scripts) exactly, and
 their parallel layouts are valid and fit at the intended world size (64 GPUs = 8 nodes of 8)."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def floor(cfg: ProLongConfig) -> float:
     return t.min_lr if t.min_lr is not None else t.lr * t.min_lr_ratio
 
 
-# RECIPE.md's table: (sequence length, global batch, steps, tokens per step, total tokens,
+# docs/recipe.md, "The recipe's numbers and their sources": (sequence length, global batch, steps, tokens per step, total tokens,
 # RoPE base, peak LR, warmup fraction, LR floor)
 RECIPE = {
     "prolong_64k": (64 * K, 64, 5000, 4 * M, 20e9, 8e6, 1e-5, 0.10, 1e-6),
@@ -50,7 +50,7 @@ def test_preset_numbers_equal_recipe(name):
     assert t.steps == steps
     assert t.global_batch_size * d.seq_length == per_step  # 4M / 8M / 4M (binary prefixes)
     assert steps * per_step == steps * batch * seq
-    # "20B = 5,000 steps x 4M": 20.97e9 with binary M; RECIPE rounds to 20B / 1B.
+    # "20B = 5,000 steps x 4M": 20.97e9 with binary M; the paper rounds to 20B / 1B.
     assert steps * per_step == pytest.approx(total, rel=0.05)
     assert m.rope_base == rope
     assert t.lr == lr
