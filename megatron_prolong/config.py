@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from megatron_prolong.attention.core import BACKENDS
-from megatron_prolong.attention.te_thd import validate_cp_comm_type
+from megatron_prolong.attention.te_thd import validate_cp_comm_type, validate_te_version
 from megatron_prolong.data.config import DataConfig
 from megatron_prolong.tokenizer import TokenizerConfig
 
@@ -36,7 +36,7 @@ class ModelConfig:
     rope_scaling: str = "none"  # none | llama3 (Llama-3.1 frequency scaling)
     rope_scaling_factor: float = 8.0
     rope_interpolation_factor: float | None = None  # linear position interpolation
-    attention_backend: str = "auto"  # auto | plugin | te
+    attention_backend: str = "auto"  # auto (= plugin, the faster: docs/benchmarks.md) | plugin | te
     attention_kernel: str = "auto"  # plugin backend: auto | reference | flex | varlen | sdpa | hybrid | cudnn
 
 
@@ -195,6 +195,11 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
                               max(m.num_query_groups // p.tp, 1), p.hierarchical_cp_sizes)
     except ValueError as err:
         raise ConfigError(f"parallel.cp_comm_type: {err}") from None
+    if m.attention_backend == "te":
+        try:
+            validate_te_version(p.cp_comm_type, p.cp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and d.seq_length // p.cp % p.tp:

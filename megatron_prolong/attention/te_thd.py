@@ -21,12 +21,21 @@ rules (read from TE's ``thd_partition_indices_kernel`` in
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 VALID_CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+# The first TE release whose context-parallel attention takes THD (packed) batches with each
+# cp_comm_type; older ones assert in ``attn_forward_func_with_cp`` (transformer_engine/pytorch/
+# attention/dot_product_attention/context_parallel.py): all_gather "No support for
+# cp_comm_type='all_gather' and qkv_format='thd'" up to 2.17, a2a "thd format is not supported!"
+# up to 2.9, a2a+p2p "thd format is not supported with hierarchical CP implementation yet!" up
+# to 2.18. p2p takes THD in every release setup.cfg allows (>= 2.8).
+MIN_TE_FOR_THD_CP = {"p2p": (2, 8), "a2a": (2, 10), "all_gather": (2, 18), "a2a+p2p": (2, 19)}
 
 
 def padded_length(length: int, cp_size: int) -> int:
@@ -141,6 +150,49 @@ def te_thd_packing(
 
 
 # ---------------------------------------------------------------------- validation
+def installed_te_version() -> str | None:
+    """The installed Transformer Engine's version string, or None when it is not installed."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    for dist in ("transformer-engine", "transformer-engine-torch", "transformer-engine-cu12",
+                 "transformer-engine-cu13"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import transformer_engine  # a source build without package metadata
+
+    return str(transformer_engine.__version__)
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def validate_te_version(cp_comm_type: str | Sequence[str], cp_size: int) -> None:
+    """``model.attention_backend=te`` feeds TE THD batches; refuse a TE too old for them with the
+    configured ``parallel.cp_comm_type``, or no TE at all. Raises ValueError with the fix."""
+    version = installed_te_version()
+    if version is None:
+        raise ValueError(
+            "model.attention_backend=te but Transformer Engine is not installed; install the `te` extra "
+            "(pip install 'megatron-prolong[te]') or use model.attention_backend=plugin"
+        )
+    if cp_size <= 1:
+        return
+    kinds = [cp_comm_type] if isinstance(cp_comm_type, str) else list(cp_comm_type)
+    for kind in kinds:
+        need = MIN_TE_FOR_THD_CP.get(kind)
+        if need is not None and _release(version) < need:
+            raise ValueError(
+                f"model.attention_backend=te with parallel.cp_comm_type={kind} and parallel.cp={cp_size} needs "
+                f"Transformer Engine >= {need[0]}.{need[1]} for THD (packed-document) batches; installed: "
+                f"{version}. Upgrade TE (pip install 'transformer-engine[pytorch]>={need[0]}.{need[1]}'), set "
+                f"parallel.cp_comm_type=p2p, or use model.attention_backend=plugin"
+            )
+
+
 def validate_context_parallel(seq_len: int, cp_size: int) -> None:
     """The sequence must split into 2 x CP equal chunks (zigzag load balancing)."""
     if cp_size < 1:

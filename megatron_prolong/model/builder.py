@@ -19,6 +19,7 @@ from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
 from megatron_prolong.model.norm import RMSNorm
+from megatron_prolong.model.te_checkpoint import TECheckpointGPTModel
 
 
 @dataclass
@@ -38,7 +39,7 @@ def te_available() -> bool:
 
 def resolve_attention_backend(model: ModelConfig) -> str:
     if model.attention_backend == "auto":
-        return "te" if te_available() and torch.cuda.is_available() else "plugin"
+        return "plugin"  # measured faster than the TE path in the whole trainer (docs/benchmarks.md)
     if model.attention_backend == "te" and not te_available():
         raise RuntimeError(
             "model.attention_backend=te but Transformer Engine is not installed; install the `te` "
@@ -129,7 +130,7 @@ def build_model(
     overwrites every parameter: the random draw of the full model costs minutes at 8B.
     """
     backend = resolve_attention_backend(model)
-    gpt = GPTModel(
+    gpt = (TECheckpointGPTModel if backend == "te" else GPTModel)(
         config=config,
         transformer_layer_spec=block_spec(backend, config),
         vocab_size=padded_vocab_size(vocab_size, model, config.tensor_model_parallel_size),

@@ -71,8 +71,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, self._log)
         init = not self.checkpoints.will_load()
         model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed, init=init)
-        self._log("parameters randomly initialised" if init else
-                  "random initialisation skipped: a checkpoint will be loaded into every parameter")
+        self._log(f"random initialisation: drawn from seed {t.seed}" if init else
+                  "random initialisation: skipped, a checkpoint will be loaded into every parameter")
         model.to(self.device)
         self.model = DistributedDataParallel(
             config=self.tconfig,

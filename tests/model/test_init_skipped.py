@@ -19,8 +19,8 @@ register_configs()
 
 SMALL = ("model.num_layers=2", "data.seq_length=128", "data.synthetic_sequences=16", "train.global_batch_size=2",
          "train.micro_batch_size=1", "train.precision=bf16", "log.tensorboard=false")
-DRAWN = "parameters randomly initialised"
-SKIPPED = "random initialisation skipped"
+DRAWN = "random initialisation: drawn"
+SKIPPED = "random initialisation: skipped"
 
 
 @pytest.fixture(scope="module")
