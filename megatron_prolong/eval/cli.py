@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--haystack-file", help="plain-text prose for ruler_mv's essay haystack (recorded in results)")
     r.add_argument("--max-length", type=int, help="longest length accepted (default: the checkpoint's seq_length)")
     r.add_argument("--out", required=True)
+
+    pl = sub.add_parser("position-loss", help="mean loss by log-spaced position bucket on held-out documents",
+                        description="DATA: jsonl (input_ids with optional indices, or text) or an MDS folder. "
+                                    "Writes OUT/position_loss.json and OUT/position_loss.png.")
+    _model_args(pl)
+    pl.add_argument("--data", required=True)
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--max-sequences", type=int, help="score at most this many sequences")
     return p
 
 
@@ -85,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             recall_main(args.checkpoint, [t for t in args.tasks.split(",") if t], args.lengths, args.samples,
                         args.out, seed=args.seed, haystack_file=args.haystack_file, tp=args.tp, cp=args.cp,
                         dtype=args.dtype, max_length=args.max_length)
+        elif args.command == "position-loss":
+            from megatron_prolong.eval.position_loss import position_loss_main
+
+            position_loss_main(args.checkpoint, args.data, args.out, tp=args.tp, cp=args.cp, dtype=args.dtype,
+                               max_sequences=args.max_sequences)
     except (ConversionError, EvalInputError, FileNotFoundError) as err:
         print(f"eval_long.py: error: {err}", file=sys.stderr)
         return 1
