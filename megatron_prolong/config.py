@@ -91,6 +91,20 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Long-context evaluation during training (megatron_prolong.eval.in_training)."""
+
+    every: int = 0  # steps between evaluations; 0: off
+    tasks: list[str] = field(default_factory=lambda: ["json_kv", "ruler_mk2"])  # recall tasks (eval.tasks.TASKS)
+    lengths: list[int] = field(default_factory=list)  # target lengths; empty: data.seq_length
+    samples: int = 4  # per task and length
+    data: str | None = None  # held-out documents (jsonl or MDS) for the position-wise loss; None: skip it
+    max_sequences: int = 8  # of eval.data
+    haystack_file: str | None = None  # prose for ruler_mv
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "demo"
     dir: str = "outputs/${run.name}"
@@ -106,6 +120,7 @@ class ProLongConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:
@@ -212,5 +227,9 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x "
             f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}"
         )
+    too_long = [n for n in cfg.eval.lengths if n > d.seq_length]
+    if cfg.eval.every < 0 or (cfg.eval.every and too_long):
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0" if cfg.eval.every < 0 else
+                          f"eval.lengths {too_long} exceed the model's length {d.seq_length} (data.seq_length)")
     if not math.isfinite(t.lr):
         raise ConfigError(f"train.lr={t.lr} is not finite")

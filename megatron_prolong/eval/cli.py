@@ -44,6 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "seq_length)")
     g.add_argument("--eos-ids", type=_ints, help="comma-separated stop ids (default: the tokenizer's EOS and "
                                                  "generation_config.json's eos_token_id)")
+
+    r = sub.add_parser("recall", help="synthetic recall suite (JSON KV, RULER) scored as HELMET does",
+                       description="Generates each task with the checkpoint's tokenizer at each length, decodes "
+                                   "greedily and writes OUT/results.json (task x length x depth), "
+                                   "OUT/samples.jsonl and OUT/recall_heatmap.png.")
+    _model_args(r)
+    r.add_argument("--tasks", default="json_kv,ruler_mk2,ruler_mk3,ruler_mv,ruler_vt",
+                   help="comma-separated: json_kv, ruler_mk2, ruler_mk3, ruler_mv, ruler_vt")
+    r.add_argument("--lengths", type=_ints, required=True, help="comma-separated target lengths in tokens")
+    r.add_argument("--samples", type=int, default=50, help="samples per task and length (default 50)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--haystack-file", help="plain-text prose for ruler_mv's essay haystack (recorded in results)")
+    r.add_argument("--max-length", type=int, help="longest length accepted (default: the checkpoint's seq_length)")
+    r.add_argument("--out", required=True)
+
+    pl = sub.add_parser("position-loss", help="mean loss by log-spaced position bucket on held-out documents",
+                        description="DATA: jsonl (input_ids with optional indices, or text) or an MDS folder. "
+                                    "Writes OUT/position_loss.json and OUT/position_loss.png.")
+    _model_args(pl)
+    pl.add_argument("--data", required=True)
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--max-sequences", type=int, help="score at most this many sequences")
     return p
 
 
@@ -65,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
                               tp=args.tp, cp=args.cp, dtype=args.dtype, max_length=args.max_length,
                               eos=args.eos_ids)
             print(f"[eval] generated for {n} lines -> {args.output}", file=sys.stderr)
+        elif args.command == "recall":
+            from megatron_prolong.eval.recall import recall_main
+
+            recall_main(args.checkpoint, [t for t in args.tasks.split(",") if t], args.lengths, args.samples,
+                        args.out, seed=args.seed, haystack_file=args.haystack_file, tp=args.tp, cp=args.cp,
+                        dtype=args.dtype, max_length=args.max_length)
+        elif args.command == "position-loss":
+            from megatron_prolong.eval.position_loss import position_loss_main
+
+            position_loss_main(args.checkpoint, args.data, args.out, tp=args.tp, cp=args.cp, dtype=args.dtype,
+                               max_sequences=args.max_sequences)
     except (ConversionError, EvalInputError, FileNotFoundError) as err:
         print(f"eval_long.py: error: {err}", file=sys.stderr)
         return 1

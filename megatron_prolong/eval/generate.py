@@ -116,7 +116,7 @@ def generate_file(checkpoint: str | Path, input_path: str | Path, output_path: s
     """Greedy outputs for every line (``input_ids`` or ``prompt``); rank 0 writes ``output_path``."""
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.convert.mcore import megatron_session
-    from megatron_prolong.eval.model import eos_ids, load_eval_model, load_tokenizer
+    from megatron_prolong.eval.model import encode_prompt, eos_ids, load_eval_model, load_tokenizer
     from megatron_prolong.eval.rows import map_rows, read_lines, write_rows
 
     if max_new_tokens < 1:
@@ -126,11 +126,7 @@ def generate_file(checkpoint: str | Path, input_path: str | Path, output_path: s
     stop = list(eos) if eos is not None else eos_ids(checkpoint, tokenizer)
 
     def prompt_ids(row: dict) -> list[int]:
-        if "input_ids" in row:
-            return [int(t) for t in row["input_ids"]]
-        hf = getattr(tokenizer, "hf", None)
-        ids = hf(row["prompt"])["input_ids"] if hf is not None else tokenizer.encode(row["prompt"])
-        return list(ids)
+        return [int(t) for t in row["input_ids"]] if "input_ids" in row else encode_prompt(tokenizer, row["prompt"])
 
     with megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
         gpt, meta = load_eval_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)

@@ -63,6 +63,13 @@ def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
     return HFTokenizer(str(folder))
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt as the model sees it: a Hugging Face tokenizer adds its special tokens (Llama-3: BOS),
+    as HELMET's and Hugging Face's own pipelines do."""
+    hf = getattr(tokenizer, "hf", None)
+    return list(hf(text)["input_ids"]) if hf is not None else tokenizer.encode(text)
+
+
 def eos_ids(checkpoint: str | Path, tokenizer: Tokenizer) -> list[int]:
     """The tokenizer's EOS id plus those of ``generation_config.json`` (checkpoint or tokenizer folder),
     e.g. Llama-3-Instruct's <|end_of_text|> and <|eot_id|>."""

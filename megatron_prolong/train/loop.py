@@ -19,6 +19,7 @@ from megatron_prolong.config import ProLongConfig
 from megatron_prolong.data.loader import MixtureLoader
 from megatron_prolong.data.metrics import DomainTracker
 from megatron_prolong.data.synthetic import write_synthetic_corpus
+from megatron_prolong.eval.in_training import TrainingEval
 from megatron_prolong.model.loss import BlockwiseLoss
 from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
 from megatron_prolong.parallel.distributed import Topology
@@ -221,6 +222,7 @@ class Trainer:
             self._log(f"run in {self.run_dir} is already complete ({self.step}/{total} steps); "
                       "give another run.dir to start a new run")
             return
+        evaluate = TrainingEval(self)  # eval.every: builds its samples now, so bad settings fail before step 1
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard, self.step) if self.topo.is_logger else None
         preemption = PreemptionHandler()
         self._log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
@@ -229,8 +231,9 @@ class Trainer:
         try:
             while self.step < total:
                 record = self.train_step()
-                if self.step % cfg.log.interval == 0 or self.step == total:
-                    record.update(self.domains.as_dict())
+                evals = evaluate(self.step)
+                if evals or self.step % cfg.log.interval == 0 or self.step == total:
+                    record.update({**self.domains.as_dict(), **evals})
                     if writer:
                         writer.write(self.step, record)
                 interval = cfg.checkpoint.save_interval

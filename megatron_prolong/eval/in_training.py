@@ -1,0 +1,71 @@
+"""``eval.every=N``: a small recall suite and the position-wise loss during training, on the
+training ranks and layout (the live model, TP/CP as trained, data-parallel ranks splitting the
+samples), logged as ``eval/<task>/<length>``, ``eval/position_loss/<bucket start>`` and
+``eval/seconds``. Samples and held-out sequences are built once, before the first step, so bad
+settings fail before any training."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_prolong.config import ConfigError
+from megatron_prolong.eval.generate import Generator
+from megatron_prolong.eval.model import encode_prompt
+from megatron_prolong.eval.position_loss import position_loss, read_sequences
+from megatron_prolong.eval.recall import build_samples, read_haystack, run_recall
+from megatron_prolong.eval.rows import EvalInputError
+from megatron_prolong.tokenizer import build_tokenizer
+
+
+class TrainingEval:
+    """Called after every step with the step number; returns the metrics when ``eval.every`` divides it."""
+
+    def __init__(self, trainer) -> None:
+        cfg = trainer.cfg
+        self.every = cfg.eval.every
+        if not self.every:
+            return
+        if trainer.backend != "plugin":
+            raise ConfigError("eval.every needs model.attention_backend=plugin (generation keeps its KV cache in "
+                              "the plugin's core attention); set it, or eval.every=0")
+        if cfg.parallel.pp > 1:
+            raise ConfigError("eval.every does not support pipeline parallelism (parallel.pp > 1) yet; set eval.every=0")
+        self.trainer = trainer
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        self.max_length = cfg.data.seq_length
+        encode = lambda text: encode_prompt(self.tokenizer, text)  # noqa: E731
+        try:
+            haystack, _ = read_haystack(cfg.eval.haystack_file)
+            self.samples = build_samples(cfg.eval.tasks, cfg.eval.lengths or [self.max_length], cfg.eval.samples,
+                                         encode, cfg.eval.seed, haystack, self.max_length)
+            self.rows = read_sequences(cfg.eval.data, encode, cfg.eval.max_sequences) if cfg.eval.data else []
+        except EvalInputError as err:
+            raise ConfigError(f"eval: {err}") from None
+
+    def __call__(self, step: int) -> dict:
+        if not self.every or step % self.every:
+            return {}
+        t = self.trainer
+        gpt = t.model.module
+        start = time.monotonic()
+        was_training = gpt.training
+        gpt.eval()
+        try:
+            with torch.no_grad():
+                rope_mode = t.cfg.model.rope_positions
+                eos = [self.tokenizer.eos_id]
+                gen = Generator(gpt, t.vocab_size, rope_mode, eos, self.max_length)
+                results = run_recall(gen, self.tokenizer.decode, self.samples, t.topo, t._log)
+                out = {f"eval/{task}/{n}": cell["score"] for task, cells in results["tasks"].items()
+                       for n, cell in cells.items()}
+                if self.rows:
+                    pl = position_loss(gpt, self.rows, t.vocab_size, rope_mode, self.max_length, t.topo)
+                    out.update({f"eval/position_loss/{b['start']}": b["loss"] for b in pl["buckets"]})
+        finally:
+            gpt.train(was_training)
+        out["eval/seconds"] = time.monotonic() - start
+        t._log(f"step {step}: evaluation in {out['eval/seconds']:.1f} s: " +
+               ", ".join(f"{k[5:]} {v:.1f}" for k, v in out.items() if k.count("/") == 2 and "position" not in k))
+        return out

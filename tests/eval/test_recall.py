@@ -1,0 +1,159 @@
+"""Recall suite: HELMET's metrics on known outputs, the task generators (exact formats, determinism,
+lengths within 2 % with the real Llama-3 tokenizer, needle depths) and an end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eval_helpers import llama3_checkpoint, llama3_tokenizer, prose
+
+from megatron_prolong.eval.metrics import normalize_answer, parse_output, qa_metrics, ruler_recall
+from megatron_prolong.eval.model import encode_prompt
+from megatron_prolong.eval.recall import score_sample
+from megatron_prolong.eval.rows import EvalInputError
+from megatron_prolong.eval.tasks import DEPTHS, TASKS, make_samples
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------- metrics
+@pytest.mark.parametrize("text,expected", [
+    ("The Quick, brown fox!", "quick brown fox"),  # articles, punctuation, case
+    ("  an   apple a day  ", "apple day"),  # whitespace collapses; 'a'/'an' dropped as words only
+    ("Theatre and another", "theatre and another"),  # no article inside words
+    ("3b67907f-2fb4-4177", "3b67907f2fb44177"),  # UUID hyphens are punctuation
+])
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_substring_exact_match_and_parsing():
+    # The raw output contains the value: substring match, but not exact match.
+    m = qa_metrics("Corresponding value: 65e152ab-6cdb\n\nKey: other", ["65e152ab-6cdb"], "Corresponding value:")
+    assert m == {"exact_match": 1.0, "substring_exact_match": 1.0}  # exact via the parsed first answer line
+    assert parse_output("Corresponding value: abc\nmore", "Corresponding value:") == "abc"
+    assert parse_output("corresponding value: Corresponding value: x", "Corresponding value:") == "x"
+    m = qa_metrics("Corresponding value: the 65E152AB-6cdb.", ["65e152ab-6cdb"], "Corresponding value:")
+    assert m["substring_exact_match"] == 1.0
+    m = qa_metrics("Corresponding value: 65e152ab-6cdc", ["65e152ab-6cdb"], "Corresponding value:")
+    assert m == {"exact_match": 0.0, "substring_exact_match": 0.0}
+    assert qa_metrics("no answer here", ["x1", "here"], "Answer:")["substring_exact_match"] == 1.0  # best gold
+
+
+def test_ruler_recall():
+    assert ruler_recall("The special magic numbers are 1234567, 7654321.", ["1234567", "7654321", "1111111"]) == 2 / 3
+    assert ruler_recall("VAR abcde and VAR FGHIJ", ["ABCDE", "FGHIJ"]) == 1.0  # case-insensitive
+    assert ruler_recall("12345", ["1234567"]) == 0.0
+
+
+# ------------------------------------------------------------------------- generators
+@pytest.fixture(scope="module")
+def encode():
+    tok = llama3_tokenizer()
+    return lambda text: encode_prompt(tok, text)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_samples_fit_length_deterministic_and_placed(task, encode):
+    text = prose()
+    for length in (4096, 8192):
+        a = make_samples(task, length, 3, encode, seed=5, haystack_text=text)
+        b = make_samples(task, length, 3, encode, seed=5, haystack_text=text)
+        c = make_samples(task, length, 3, encode, seed=6, haystack_text=text)
+        assert [s.prompt for s in a] == [s.prompt for s in b]
+        assert [s.prompt for s in a] != [s.prompt for s in c]
+        for s in a:
+            total = len(encode(s.prompt)) + s.max_new_tokens
+            assert 0.98 * length <= total <= length, (task, length, total)
+            assert s.input_ids[0] == 128000  # Llama-3's BOS, as HF's tokenizer adds it
+            assert s.prompt.endswith("\n" + s.answer_prefix)
+            assert all(ans in s.prompt for ans in s.answers)
+            assert s.depth in DEPTHS
+    # The queried needle sits at its depth (fraction of the haystack), within a few percent.
+    for s in make_samples(task, 8192, 4, encode, seed=1, haystack_text=text):
+        body = s.prompt
+        where = body.find(s.answers[0]) if task != "ruler_vt" else body.rfind("VAR " + s.answers[0] + " =")
+        span_start = body.find("\n") if task.startswith("ruler") else 0
+        frac = 100 * (where - span_start) / len(body)
+        assert abs(frac - s.depth) < 6, (task, s.depth, frac)
+
+
+def test_formats_exactly_as_helmet(encode):
+    kv = make_samples("json_kv", 4096, 1, encode, seed=0)[0]
+    context, rest = kv.prompt.split("\n\nExtract the value corresponding to the specified key in the JSON object "
+                                    "below.\n\n")
+    assert isinstance(json.loads(context), dict) and len(json.loads(context)) > 20
+    demos = rest.split("\n\n")
+    assert len(demos) == 3 and all(d.startswith("Key: \"") and "\nCorresponding value: " in d for d in demos[:2])
+    assert demos[2].startswith("Key: \"") and demos[2].endswith("\nCorresponding value:")
+    assert json.loads(context)[json.loads(demos[2][5:].split("\n")[0])] == kv.answers[0]
+
+    mk2 = make_samples("ruler_mk2", 4096, 1, encode, seed=0)[0]
+    key = mk2.answer_prefix.split(" for ")[1].split(" mentioned")[0]
+    assert mk2.prompt.startswith("A special magic number is hidden within the following text. Make sure to memorize "
+                                 "it. I will quiz you about the number afterwards.\n")
+    assert f"One of the special magic numbers for {key} is: {mk2.answers[0]}." in mk2.prompt
+    assert mk2.prompt.endswith(f"\nWhat is the special magic number for {key} mentioned in the provided text?\n"
+                               f"The special magic number for {key} mentioned in the provided text is")
+    assert len(mk2.answers[0]) == 7 and mk2.prompt.count(f"for {key} is:") == 1
+
+    mv = make_samples("ruler_mv", 4096, 1, encode, seed=0, haystack_text=prose())[0]
+    assert mv.prompt.startswith("Some special magic numbers are hidden") and len(mv.answers) == 4
+    assert mv.answer_prefix.endswith("mentioned in the provided text are")
+
+    vt = make_samples("ruler_vt", 4096, 1, encode, seed=0)[0]
+    assert len(vt.answers) == 5 and vt.prompt.count("Memorize and track") == 2  # one worked example
+    assert "5 variables are assigned the value" in vt.answer_prefix
+
+
+def test_bad_requests_are_refused(encode):
+    with pytest.raises(EvalInputError, match="--haystack-file"):
+        make_samples("ruler_mv", 4096, 1, encode, seed=0)
+    with pytest.raises(EvalInputError, match="fewer than this length needs"):
+        make_samples("ruler_mv", 8192, 1, encode, seed=0, haystack_text=prose(500))
+    with pytest.raises(EvalInputError, match="unknown task"):
+        make_samples("niah_x", 4096, 1, encode, seed=0)
+    with pytest.raises(EvalInputError, match="too short"):
+        make_samples("json_kv", 100, 1, encode, seed=0)
+
+
+# ------------------------------------------------------------------------- end to end
+def test_recall_tool_end_to_end(tmp_path):
+    ckpt = llama3_checkpoint(tmp_path, max_pos=4096)
+    (tmp_path / "essay.txt").write_text(prose())
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [sys.executable, "tools/eval_long.py", "recall", "--checkpoint", str(ckpt), "--lengths", "2048,3072",
+           "--samples", "1", "--haystack-file", str(tmp_path / "essay.txt"), "--out", str(tmp_path / "out")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**env, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["tasks"]) == set(TASKS)
+    for cells in results["tasks"].values():
+        assert set(cells) == {"2048", "3072"}
+        for cell in cells.values():
+            assert cell["n"] == 1 and 0 <= cell["score"] <= 100 and len(cell["by_depth"]) == 1
+    assert results["haystack_file"]["path"] == str((tmp_path / "essay.txt").resolve())
+    assert len(results["haystack_file"]["sha256"]) == 64
+    png = tmp_path / "out" / "recall_heatmap.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    rows = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * 2 and all(isinstance(r["text"], str) for r in rows)
+    assert "ruler_vt" in res.stdout and "avg" in res.stdout  # the console table
+
+    # A length beyond the model's is refused before any generation.
+    bad = [*cmd[:5], "--lengths", "8192", *cmd[7:]]
+    res = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 1 and "exceed the model's length 4096" in res.stderr
+
+
+def test_scoring_uses_prefix_plus_generation(encode):
+    """A perfect continuation scores 100, a wrong one 0, with each task's metric."""
+    for task in TASKS:
+        s = make_samples(task, 4096, 1, encode, seed=3, haystack_text=prose())[0]
+        assert score_sample(s, " " + ", ".join(s.answers) + ".\n") == 100.0
+        assert score_sample(s, " none") == 0.0
