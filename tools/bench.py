@@ -16,6 +16,8 @@ Paths:
 - ``plugin`` (and ``--variant NAME=override,...``): the trainer (``megatron_prolong.train.loop.
   Trainer.train_step``: Megatron-Core DDP with fp32 main grads, Megatron's optimizer with fp32
   master weights) with the plugin's attention and the given config overrides.
+- ``unfused``: the plugin path with every ``kernels.*`` switch on its unfused choice (as landed
+  before the fused kernels).
 - ``te``: the same trainer with ``model.attention_backend=te`` (Megatron's TE layer spec).
 - ``stock``: Megatron-Core's GPTModel with its TE layer spec, TE's fused RoPE and Megatron's
   fused SwiGLU, THD packed documents, bf16 parameters trained by torch's fused AdamW (bf16
@@ -52,6 +54,7 @@ sys.path.insert(0, os.getcwd())
 
 LAYOUT_MEANS = {"one_doc": None, "mean8k": 8192, "mean2k": 2048, "mean1.5k": 1536}
 MIX = {"one_doc": 0.6, "mean1.5k": 0.4}  # ProLong stage 1: 60% long / 40% short rows
+UNFUSED = ["kernels.swiglu=unfused", "kernels.rope=torch", "kernels.cross_entropy=torch", "kernels.optimizer=foreach"]
 TRAINER_STATE_BYTES = 18  # bf16 weight + fp32 main grad + fp32 master + Adam m, v
 STOCK_STATE_BYTES = 8  # bf16 weight, grad, m, v
 
@@ -245,7 +248,8 @@ def time_layout(path, name: str, warmup: int, steps: int) -> dict:
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"step_s": times, "median_s": statistics.median(times), "peak_gib": peak_gib()}
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+    return {"step_s": times, "median_s": statistics.median(times), "peak_gib": peak_gib(), "reserved_gib": reserved}
 
 
 def profile_step(path, name: str, out_dir: str, tag: str) -> None:
@@ -402,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["matmul_tflops"] = matmul_tflops()
             print(f"[bench] {gpu}: matmul 8192^3 bf16 {report['matmul_tflops']:.0f} TFLOP/s", flush=True)
             jobs = [("plugin", "trainer", ["model.attention_backend=plugin"])] if "plugin" in args.paths else []
+            if "unfused" in args.paths:
+                jobs.append(("unfused", "trainer", ["model.attention_backend=plugin", *UNFUSED]))
             for v in args.variant:
                 name, _, ov = v.partition("=")
                 jobs.append((name, "variant", ["model.attention_backend=plugin"] + [o for o in ov.split(",") if o]))
