@@ -81,8 +81,6 @@ class Trainer:
             ),
             module=model,
         )
-        if cfg.parallel.overlap_grad_reduce:  # reduce once per step, on the last micro-batch's backward
-            self.tconfig.no_sync_func = self.model.no_sync
         block = cfg.train.loss_block_size
         self.forward_step = partial(forward_step, output_processor=BlockwiseLoss(block, cfg.kernels.cross_entropy) if block else None)
         self.optimizer = build_optimizer(cfg.train, cfg.parallel, [self.model], cfg.kernels.optimizer)

@@ -49,8 +49,9 @@ def test_per_document_positions_match_continuous(baseline, run_training):
 
 
 def test_overlapped_grad_reduce_matches(tmp_path, run_training):
-    """Data-parallel gradients reduced bucket by bucket during backward (2 micro-batches per
-    rank: the reduction must wait for the last one) give the same losses and gradient norms."""
+    """Data-parallel gradients reduced bucket by bucket during backward (2 micro-batches per rank:
+    Megatron starts a bucket's reduction once every micro-batch's gradient has arrived) give the
+    same losses and gradient norms."""
     from trainrun import train
 
     single = train(tmp_path / "single", *PARITY).metrics
