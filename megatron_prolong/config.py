@@ -73,6 +73,18 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     cp_comm_type: str = "all_gather"  # TE backend: p2p | all_gather | a2a | a2a+p2p
     hierarchical_cp_sizes: list[int] | None = None
+    overlap_grad_reduce: bool = False  # reduce DP gradients bucket by bucket during backward
+
+
+@dataclass
+class KernelConfig:
+    """Fused kernels (docs/benchmarks.md, "The plugin's layer"): ``auto`` fuses where CUDA is
+    available; the unfused path (``torch`` / ``unfused`` / ``foreach``) is what CPU runs use."""
+
+    swiglu: str = "auto"  # auto | fused | unfused: Megatron's fused SwiGLU (bias_activation_fusion)
+    rope: str = "auto"  # auto | triton | torch: RoPE on q and k, one Triton pass each (plugin backend)
+    cross_entropy: str = "auto"  # auto | triton | torch: the blockwise loss's cross entropy
+    optimizer: str = "auto"  # auto | fused | foreach: torch AdamW's implementation (no TE / Apex)
 
 
 @dataclass
@@ -118,6 +130,7 @@ class ProLongConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -142,6 +155,14 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value} must be > 0")
 
 
+KERNEL_CHOICES = {
+    "swiglu": ("auto", "fused", "unfused"),
+    "rope": ("auto", "triton", "torch"),
+    "cross_entropy": ("auto", "triton", "torch"),
+    "optimizer": ("auto", "fused", "foreach"),
+}
+
+
 def validate(cfg: ProLongConfig, world_size: int) -> None:
     """Fail before any process group starts; every message names the key."""
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
@@ -162,6 +183,8 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
     _choice("train.recompute", t.recompute, ("none", "selective", "full"))
     _choice("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
     _choice("train.memory_check", t.memory_check, ("error", "warn", "off"))
+    for key, allowed in KERNEL_CHOICES.items():
+        _choice(f"kernels.{key}", getattr(cfg.kernels, key), allowed)
     if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
         raise ConfigError(
             "tokenizer.path is not set: tokenizer.kind=hf needs a local Hugging Face tokenizer folder, "

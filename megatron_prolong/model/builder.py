@@ -15,11 +15,12 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
+from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
 from megatron_prolong.model.norm import RMSNorm
 from megatron_prolong.model.te_checkpoint import TECheckpointGPTModel
+from megatron_prolong.model.rope import resolve_rope
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ProLongTransformerConfig(TransformerConfig):
     rope_scaling_factor: float = 8.0
     rope_interpolation_factor: float | None = None
     attention_kernel: str = "auto"
+    rope_kernel: str = "torch"  # triton | torch (kernels.rope, resolved)
 
 
 def te_available() -> bool:
@@ -54,9 +56,24 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def fusion_options(kernels: KernelConfig | None, te: bool) -> dict:
+    """TransformerConfig fusion flags. TE path: what Megatron's TE layer spec supports (fused RoPE,
+    fused SwiGLU, weight gradients accumulated into the fp32 main grads by TE's GEMMs). Plugin
+    path: Megatron's fused SwiGLU (torch.compile'd; CUDA only under ``auto``)."""
+    if kernels is None:
+        return dict(bias_activation_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    cuda = torch.cuda.is_available()
+    swiglu = kernels.swiglu == "fused" or (kernels.swiglu == "auto" and cuda)
+    if te:
+        return dict(bias_activation_fusion=swiglu, apply_rope_fusion=cuda, gradient_accumulation_fusion=cuda)
+    return dict(bias_activation_fusion=swiglu, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+                rope_kernel=resolve_rope(kernels.rope))
+
+
 def build_transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
+    model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, kernels: KernelConfig | None = None
 ) -> ProLongTransformerConfig:
+    """``kernels=None`` keeps every fusion off (the unfused reference path)."""
     bf16 = train.precision == "bf16"
     te = resolve_attention_backend(model) == "te"
     recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
@@ -78,12 +95,10 @@ def build_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
-        bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusion_options(kernels, te),
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp,

@@ -6,13 +6,13 @@ import math
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_prolong.attention.core import document_attention
 from megatron_prolong.model.packed import DocumentPackedSeqParams
+from megatron_prolong.model.rope import apply_rope
 
 
 class DocumentCoreAttention(MegatronModule):
@@ -41,6 +41,7 @@ class DocumentCoreAttention(MegatronModule):
         )
         self.kernel = config.attention_kernel
         self.interpolation_factor = config.rope_interpolation_factor
+        self.rope_kernel = getattr(config, "rope_kernel", "torch")
         rope = RotaryEmbedding(
             kv_channels=config.kv_channels,
             rotary_percent=1.0,
@@ -67,8 +68,7 @@ class DocumentCoreAttention(MegatronModule):
                 "from megatron_prolong.model.packed; got " + type(packed_seq_params).__name__
             )
         emb = packed_seq_params.rope_emb(self.inv_freq.to(query.device), self.interpolation_factor)
-        query = _apply_rotary_pos_emb_bshd(query, emb)
-        key = _apply_rotary_pos_emb_bshd(key, emb)
+        query, key = apply_rope(query, key, emb, self.rope_kernel)
         cache = getattr(packed_seq_params, "kv_cache", None)  # generation (megatron_prolong.eval.kv_cache)
         if cache is not None and cache.decoding:
             return cache.decode(self.layer_number, query, key, value, self.softmax_scale)

@@ -5,6 +5,10 @@ for the softmax). Here the output layer and the vocabulary-parallel cross entrop
 block of tokens at a time under activation checkpointing: the forward keeps only the per-token
 losses, the backward recomputes one block's logits at a time. Plugged into Megatron's GPTModel
 through its ``output_processor`` hook; the result equals Megatron's own loss path.
+
+``cross_entropy="triton"`` runs the same per-token loss through the fused kernels of
+:mod:`megatron_prolong.model.cross_entropy` (CUDA) instead of checkpointed blocks of Megatron's
+unfused ``vocab_parallel_cross_entropy``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,17 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from torch.utils.checkpoint import checkpoint
+
+from megatron_prolong.model.cross_entropy import fused_linear_cross_entropy, triton_available
+
+
+def resolve_cross_entropy(choice: str) -> str:
+    """``auto``: the fused Triton kernels on CUDA, Megatron's unfused cross entropy elsewhere."""
+    if choice == "auto":
+        return "triton" if torch.cuda.is_available() and triton_available() else "torch"
+    if choice == "triton" and not triton_available():
+        raise RuntimeError("kernels.cross_entropy=triton needs the `triton` package; use kernels.cross_entropy=torch")
+    return choice
 
 
 def _block_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
@@ -23,8 +38,9 @@ def _block_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tp_
 class BlockwiseLoss:
     """``output_processor`` for GPTModel.forward: per-token loss [b, s] without full logits."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, cross_entropy: str = "torch") -> None:
         self.block_size = block_size
+        self.cross_entropy = resolve_cross_entropy(cross_entropy)
 
     def __call__(self, *, hidden_states, output_layer, output_weight, labels, **_unused) -> torch.Tensor:
         weight = output_weight if output_weight is not None else output_layer.weight
@@ -38,6 +54,9 @@ class BlockwiseLoss:
         s, b, h = x.shape
         x = x.reshape(s * b, h)
         flat_labels = labels.transpose(0, 1).reshape(s * b)
+        if self.cross_entropy == "triton":
+            loss = fused_linear_cross_entropy(x, weight, flat_labels, self.block_size, tp_group)
+            return loss.reshape(s, b).transpose(0, 1)
         losses = [
             checkpoint(_block_loss, x[i : i + self.block_size], weight, flat_labels[i : i + self.block_size],
                        tp_group, use_reentrant=False)

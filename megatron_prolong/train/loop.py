@@ -67,7 +67,7 @@ class Trainer:
             micro_batch_size=t.micro_batch_size, num_micro_batches=self.num_micro_batches,
         )
         self.backend = resolve_attention_backend(cfg.model)
-        self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train)
+        self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train, cfg.kernels)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, self._log)
         init = not self.checkpoints.will_load()
@@ -79,15 +79,15 @@ class Trainer:
             config=self.tconfig,
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
+                overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                 use_distributed_optimizer=cfg.parallel.distributed_optimizer,
                 average_in_collective=False,  # the per-token loss divides by the global token count
             ),
             module=model,
         )
         block = cfg.train.loss_block_size
-        self.forward_step = partial(forward_step, output_processor=BlockwiseLoss(block) if block else None)
-        self.optimizer = build_optimizer(cfg.train, cfg.parallel, [self.model])
+        self.forward_step = partial(forward_step, output_processor=BlockwiseLoss(block, cfg.kernels.cross_entropy) if block else None)
+        self.optimizer = build_optimizer(cfg.train, cfg.parallel, [self.model], cfg.kernels.optimizer)
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
         self.domains = DomainTracker(self.loader.domain_names)
         self.peak_tflops = gpu_spec(cfg.train.gpu).bf16_tflops

@@ -27,11 +27,11 @@ and flash / document attention, which keeps no s x s score matrix, so their 5as/
   => per token  e x (4 h_sp + (2h + 2kv + 3f) / t)  (+ the softmax statistics)
   For bf16, t = 1: s (12h + 4kv + 6f) bytes; Llama-3-8B at 64K: exactly 8.5 GiB.
 
-A whole Megatron-Core + Transformer Engine layer of that shape was measured at 9.8 GiB at 64K
-(no recompute, TP = CP = 1; docs/recipe.md, "Earlier measurements"). The analytic count misses implementation copies (the fused
-QKV output that V is a view of, RoPE outputs, allocator rounding), so the estimate multiplies
-the analytic per-layer activations by MEASURED_LAYER_FACTOR = 9.8 / 8.5 (conservative; the
-tests pin both numbers).
+The analytic count misses implementation copies (the fused QKV output that V is a view of, RoPE
+outputs, kernel workspaces, allocator rounding), so the estimate multiplies it by a factor per
+attention backend, LAYER_FACTOR, fitted to peaks that tools/bench.py measured
+(docs/benchmarks/bench_*.json; ``python -m megatron_prolong.train.memory --calibrate FILE``
+prints the fit). tests/train/test_memory.py checks the estimate against every recorded peak.
 
 Recompute (``train.recompute``):
   none       every layer keeps the above.
@@ -50,9 +50,12 @@ attention (``model.attention_backend=plugin``) keeps the gathered K/V for backwa
 e x 2 kv x (cp - 1) x s per layer.
 
 Logits: the output layer and loss run on blocks of ``logits_block`` tokens (2,048, as ProLong),
-each recomputed in the backward pass, so one block of logits exists at a time: bf16 logits,
-fp32 copy, fp32 softmax and fp32 gradient, 14 bytes per (token, vocabulary column on this TP
-rank); plus the final norm's input and output (2 x e x h_sp per token).
+each recomputed in the backward pass, so one block of logits exists at a time. Unfused cross
+entropy (``kernels.cross_entropy=torch``): bf16 logits, fp32 copy, fp32 softmax and fp32 gradient,
+14 bytes per (token, vocabulary column on this TP rank); fused (``triton``, the default on GPUs):
+the bf16 logits only, turned into their gradient in place, plus the output layer's bf16 weight
+gradient while it is handed to the fp32 main grads. Plus the final norm's input and output
+(2 x e x h_sp per token).
 
 Workspace: gradients alive while one layer is back-propagated (fc1 / SwiGLU output gradients
 e x 3f/t, two hidden-size gradients e x 2h, the sequence-parallel all-gather buffer e x h) and the
@@ -71,12 +74,14 @@ from megatron_prolong.config import ConfigError
 from megatron_prolong.train.flops import GPU_SPECS, gpu_spec
 
 GiB = 1024**3
-MEASURED_LAYER_GIB = 9.8  # docs/recipe.md "Earlier measurements": Megatron-Core + TE layer, Llama-3-8B, 64K
-ANALYTIC_LAYER_GIB = 8.5  # the analytic count above for the same layer (bf16, t = 1)
-MEASURED_LAYER_FACTOR = MEASURED_LAYER_GIB / ANALYTIC_LAYER_GIB
+#: measured / analytic per-layer activations (fitted: ``--calibrate``, docs/benchmarks.md)
+LAYER_FACTOR = {"plugin": 1.0, "te": 9.8 / 8.5}
 DEFAULT_OVERHEAD_GIB = 4.0
 DEFAULT_LOGITS_BLOCK = 2048
-LOGITS_BYTES_PER_ELEMENT = 14  # bf16 logits + fp32 copy + fp32 softmax + fp32 gradient
+LOGITS_BYTES_PER_ELEMENT = {"torch": 14, "triton": 2}  # see "Logits" above
+#: an estimate this far above the GPU's memory is refused; closer ones only warned about (the
+#: estimate is within this fraction of every measured peak, tests/train/test_memory.py)
+MARGIN = 0.10
 
 RECOMPUTE_MODULES = ("core_attn", "mlp")
 
@@ -106,6 +111,11 @@ class MemoryEstimate:
     @property
     def fits(self) -> bool:
         return self.total <= self.gpu_memory
+
+    @property
+    def refused(self) -> bool:
+        """Above the GPU's memory by more than the estimate's error (MARGIN)."""
+        return self.total > self.gpu_memory * (1 + MARGIN)
 
     def gib(self, part: str) -> float:
         return getattr(self, part) / GiB
@@ -155,6 +165,7 @@ def layer_activation_bytes(
     modules: tuple[str, ...] = (),
     element_bytes: int = 2,
     calibrated: bool = True,
+    backend: str = "te",
 ) -> int:
     """Activations one layer keeps for backward over ``tokens`` tokens (no full recompute)."""
     h, f, heads = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_attention_heads
@@ -167,7 +178,7 @@ def layer_activation_bytes(
         per_token += 4 * heads / tp  # fp32 softmax statistics (log-sum-exp) of flash attention
     if "mlp" not in modules:
         per_token += e * 3 * f / tp
-    factor = MEASURED_LAYER_FACTOR if calibrated else 1.0
+    factor = LAYER_FACTOR[backend] if calibrated else 1.0
     return int(per_token * tokens * factor)
 
 
@@ -186,6 +197,7 @@ def estimate_memory(
     attention_backend: str | None = None,
     logits_block: int | None = DEFAULT_LOGITS_BLOCK,
     overhead_gib: float = DEFAULT_OVERHEAD_GIB,
+    cross_entropy: str = "triton",
 ) -> MemoryEstimate:
     """Estimate the per-GPU memory of training ``model_cfg`` with ``train_cfg`` and the layout
     ``parallel_cfg`` on ``world_size`` GPUs at ``seq_length`` tokens per sequence.
@@ -197,6 +209,7 @@ def estimate_memory(
     (plugin | te) decides whether the CP-gathered K/V are kept for backward (plugin) or
     re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te.
     ``logits_block=None`` models an unblocked output layer (all logits of the micro-batch).
+    ``cross_entropy``: the loss kernel (``kernels.cross_entropy``; triton, the GPU default, or torch).
     """
     tp, pp, cp = parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.cp
     sp = bool(_get(parallel_cfg, "sequence_parallel", False)) and tp > 1
@@ -238,20 +251,24 @@ def estimate_memory(
     h_sp = h / tp if sp else h
     backend = attention_backend or _get(model_cfg, "attention_backend", "auto")
     plugin_cp = backend == "plugin" and cp > 1
+    calibration = "plugin" if backend == "plugin" else "te"
     kv_gathered_extra = int(e * 2 * kv_local * (cp - 1) * tokens) if plugin_cp else 0  # kept K/V of other ranks
-    full_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, (), e) + kv_gathered_extra
+    full_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, (), e, backend=calibration) + kv_gathered_extra
 
     if recompute == "full":
         per_layer = int(e * h_sp * tokens)  # the checkpointed layer input
         recompute_layer = full_layer
     else:
-        per_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, modules, e) + kv_gathered_extra
+        per_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, modules, e, backend=calibration) + kv_gathered_extra
         recompute_layer = 0
     activations = per_layer * layers * in_flight
 
     vocab_local = _padded_vocab(vocab_size, _get(model_cfg, "make_vocab_size_divisible_by", 128), tp) // tp
     block = tokens if not logits_block else min(logits_block, tokens)
-    logits = int(LOGITS_BYTES_PER_ELEMENT * block * vocab_local + 2 * e * h_sp * tokens)
+    if cross_entropy not in LOGITS_BYTES_PER_ELEMENT:
+        raise ValueError(f"cross_entropy={cross_entropy!r} is not one of {sorted(LOGITS_BYTES_PER_ELEMENT)}")
+    weight_grad = e * vocab_local * h if cross_entropy == "triton" else 0
+    logits = int(LOGITS_BYTES_PER_ELEMENT[cross_entropy] * block * vocab_local + weight_grad + 2 * e * h_sp * tokens)
 
     kv_gather = 0 if cp == 1 else int(e * 2 * kv_local * cp * tokens * (2 if not plugin_cp else 1))
     workspace = int(e * tokens * (3 * f / tp + 2 * h + (h if sp else 0))) + kv_gather
@@ -300,9 +317,10 @@ def check_fits(
     **kwargs,
 ) -> MemoryEstimate:
     """Return the estimate, or raise ``ConfigError`` (a ValueError) naming the breakdown and the
-    single overrides that would fit when the estimate exceeds the GPU's memory."""
+    single overrides that would fit when the estimate exceeds the GPU's memory by more than
+    MARGIN (an estimate between the memory and that margin is returned: ``est.fits`` is False)."""
     est = estimate_memory(model_cfg, train_cfg, parallel_cfg, seq_length, world_size, gpu_memory_gib, **kwargs)
-    if est.fits:
+    if not est.refused:
         return est
     fixes = []
     for label, t, p in _alternatives(model_cfg, train_cfg, parallel_cfg, world_size):

@@ -46,3 +46,15 @@ def test_per_document_positions_match_continuous(baseline, run_training):
     """RoPE is relative, so with document masking restarting positions per document is the same function."""
     run = run_training(*PARITY, "model.rope_positions=per_document")
     assert_losses_close(run.losses, baseline)
+
+
+def test_overlapped_grad_reduce_matches(tmp_path, run_training):
+    """Data-parallel gradients reduced bucket by bucket during backward (2 micro-batches per rank:
+    Megatron starts a bucket's reduction once every micro-batch's gradient has arrived) give the
+    same losses and gradient norms."""
+    from trainrun import train
+
+    single = train(tmp_path / "single", *PARITY).metrics
+    run = run_training(*PARITY, "parallel.overlap_grad_reduce=true", "parallel.distributed_optimizer=true", nproc=2)
+    assert_losses_close(run.losses, [m["loss"] for m in single])
+    assert_losses_close([m["grad_norm"] for m in run.metrics], [m["grad_norm"] for m in single])

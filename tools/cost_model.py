@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Predicted training throughput of Llama-3-8B on 8-GPU H100/H200 nodes, from measured per-layer rates.
+
+    python tools/cost_model.py docs/benchmarks/bench_<date>_h200.json [--gpu h100_80gb] [--markdown]
+
+Inputs: one tools/bench.py report (per-layer time of one 64K row on one GPU, per layout, and the
+fixed part: embedding, output layer, loss, optimizer of the 2-layer model), and the interconnect
+bandwidths below. docs/cost_model.md explains every term; in short, per micro-batch (one
+sequence of S tokens on the tp x cp GPUs of one model replica):
+
+  layer compute   the measured single-GPU layer time split into matmul (6 P S / matmul rate),
+                  attention (causal in-document pairs / attention rate, scaled by S^2 for one
+                  document and by S for documents of a fixed mean length) and the rest
+                  (elementwise, proportional to tokens); all of it divided by tp x cp (sequence
+                  parallelism shards the elementwise work over TP too); GEMMs narrowed by TP run
+                  at ``tp_gemm_efficiency``
+  TP comm         with sequence parallelism: per layer 4 all-gathers + 4 reduce-scatters of the
+                  [S/cp, h] bf16 activations (forward + backward), (tp-1)/tp of them through each
+                  GPU's NVLink; Megatron-Core without TE does not overlap them with GEMMs: counted
+                  in full
+  CP comm         the plugin's K/V all-gather (forward) and dK/dV reduce-scatter (backward):
+                  2 x kv_local x S x 2 B x (cp-1)/cp each way, NVLink inside a node, InfiniBand
+                  when the CP group spans nodes; not overlapped (counted in full)
+  fixed part      output layer and loss, scaled by tokens per GPU (vocabulary-parallel over TP)
+  DP / optimizer  once per step: gradient reduce-scatter (fp32) and parameter all-gather (bf16)
+                  over InfiniBand across replicas, hidden behind the last micro-batch's backward /
+                  the first forward when parallel.overlap_grad_reduce is on (only the excess
+                  counts); the optimizer update on this rank's 1/(dp x cp) shard
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.getcwd())
+
+from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from megatron_prolong.train.flops import GPU_SPECS, attention_flops, layer_matmul_params  # noqa: E402
+from megatron_prolong.train.memory import GiB, estimate_memory  # noqa: E402
+
+LLAMA3_8B = ModelConfig(name="llama3_8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                        num_attention_heads=32, num_query_groups=8, vocab_size=128256)
+
+
+@dataclass(frozen=True)
+class Network:
+    """Bus bandwidths (GB/s per GPU) that NCCL reaches; sources in docs/cost_model.md."""
+
+    nvlink: float = 360.0  # H100/H200 SXM NVLink 4: 450 GB/s per direction, ~80% reached by all-gather
+    infiniband: float = 40.0  # one 400 Gb/s NDR adapter per GPU (50 GB/s), ~80% reached
+    name: str = "DGX H100/H200 (NVLink 4, 8 x 400G NDR)"
+
+
+def split_layer(summary: dict, model, seq: int, lengths: list[int], matmul_tflops: float, attn_tflops: float) -> dict:
+    """Measured single-GPU layer seconds at ``seq`` tokens -> matmul, attention and the rest."""
+    t = summary["layer_ms"] / 1e3
+    mm = 6 * layer_matmul_params(model) * seq / (matmul_tflops * 1e12)
+    one_layer = ModelConfig(**{**vars(model), "num_layers": 1})
+    attn = attention_flops(one_layer, lengths) / (attn_tflops * 1e12)
+    return {"matmul": mm, "attention": attn, "other": max(t - mm - attn, 0.0), "measured": t}
+
+
+def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Network, *,
+            global_batch: int, mix: dict[str, float], attn_tflops: dict[str, float],
+            tp_gemm_efficiency: float = 0.92, overlap_grad_reduce: bool = True) -> dict:
+    model = LLAMA3_8B
+    tp, cp = layout["tp"], layout["cp"]
+    dp = world // (tp * cp)
+    h, kv = model.hidden_size, model.num_query_groups * (model.hidden_size // model.num_attention_heads)
+    kv_local = max(model.num_query_groups // tp, 1) * (model.hidden_size // model.num_attention_heads)
+    plugin = bench["paths"][layout.get("path", "plugin")]["summary"]
+    rate = bench["matmul_tflops"]
+    base_seq = bench["seq"]
+    per_row = {}
+    for name, weight in mix.items():
+        mean = {"one_doc": None, "mean8k": 8192, "mean2k": 2048, "mean1.5k": 1536}[name]
+        lengths_base = [base_seq] if mean is None else _expected_lengths(base_seq, mean)
+        lengths = [seq] if mean is None else _expected_lengths(seq, mean)
+        parts = split_layer(plugin[name], model, base_seq, lengths_base, rate, attn_tflops[name])
+        scale = seq / base_seq
+        attn_scale = attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths) / max(
+            attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths_base), 1)
+        compute = (parts["matmul"] * scale / (tp_gemm_efficiency if tp > 1 else 1.0)
+                   + parts["attention"] * attn_scale + parts["other"] * scale) / (tp * cp)
+        if layout.get("recompute") == "full":  # one more forward pass: about a third of forward + backward
+            compute *= 4 / 3
+        tp_bytes = 8 * (tp - 1) / tp * seq / cp * h * 2 if tp > 1 else 0.0
+        cp_bytes = 2 * 2 * kv_local * seq * 2 * (cp - 1) / cp if cp > 1 else 0.0
+        cp_bw = net.nvlink if tp * cp <= 8 else net.infiniband
+        layer = compute + tp_bytes / (net.nvlink * 1e9) + cp_bytes / (cp_bw * 1e9)
+        per_row[name] = {"layer_s": layer, "weight": weight, "compute_s": compute,
+                         "tp_comm_s": tp_bytes / (net.nvlink * 1e9), "cp_comm_s": cp_bytes / (cp_bw * 1e9)}
+    layer_s = sum(r["layer_s"] * r["weight"] for r in per_row.values())
+    fixed = sum(plugin[n]["fixed_ms"] * w for n, w in mix.items()) / 1e3 * seq / base_seq / (tp * cp)
+    micro = layer_s * model.num_layers + fixed
+    n_micro = global_batch // dp
+    params_rank = _params(model) / tp
+    dp_bytes = (4 + 2) * params_rank * (dp - 1) / dp if dp > 1 else 0.0
+    dp_s = dp_bytes / (net.infiniband * 1e9)
+    hidden = micro if overlap_grad_reduce else 0.0
+    step = n_micro * micro + max(dp_s - hidden, 0.0)
+    tokens_per_gpu = global_batch * seq / step / world
+    est = estimate_memory(model, TrainConfig(global_batch_size=global_batch, micro_batch_size=1, precision="bf16",
+                                             recompute=layout.get("recompute", "none")),
+                          ParallelConfig(tp=tp, cp=cp, sequence_parallel=tp > 1, distributed_optimizer=True),
+                          seq, world, GPU_SPECS[gpu].memory_gib, attention_backend="plugin")
+    return {"layout": layout, "dp": dp, "micro_batches": n_micro, "micro_batch_s": micro, "step_s": step,
+            "tokens_per_s_gpu": tokens_per_gpu, "per_layer": per_row, "dp_comm_s": dp_s,
+            "memory_gib": est.total / GiB, "fits": est.fits}
+
+
+def _params(model) -> int:
+    return model.num_layers * (layer_matmul_params(model) + 2 * model.hidden_size) + 2 * model.vocab_size * model.hidden_size
+
+
+def _expected_lengths(seq: int, mean: int) -> list[int]:
+    """Documents of exponential length: sum of L^2 ~ 2 x mean x seq, as seq / (2 mean) documents of 2 x mean."""
+    n = max(seq // (2 * mean), 1)
+    return [seq // n] * n
+
+
+LAYOUTS = {
+    65536: [dict(tp=4, cp=2), dict(tp=2, cp=4), dict(tp=8, cp=1), dict(tp=1, cp=8, recompute="full"),
+            dict(tp=2, cp=2), dict(tp=4, cp=1)],
+    524288: [dict(tp=8, cp=8), dict(tp=4, cp=16), dict(tp=8, cp=4), dict(tp=4, cp=8, recompute="full"),
+             dict(tp=8, cp=16)],
+}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bench", help="a tools/bench.py JSON report")
+    p.add_argument("--gpu", default="h100_80gb", choices=sorted(GPU_SPECS))
+    p.add_argument("--world", type=int, default=64)
+    p.add_argument("--path", default="plugin", help="which path of the report to scale")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    with open(args.bench) as f:
+        bench = json.load(f)
+    net = Network()
+    # attention rates of the kernels (docs/benchmarks.md, H100, 2026-11-24): one doc (cuDNN SDPA),
+    # packed documents (cuDNN THD)
+    attn = {"one_doc": 540.0, "mean8k": 495.0, "mean2k": 449.0, "mean1.5k": 430.0}
+    mix = {"one_doc": 0.6, "mean1.5k": 0.4}
+    rows = []
+    for seq, layouts in LAYOUTS.items():
+        gbs = 64 if seq == 65536 else 8
+        for lay in layouts:
+            world = max(args.world, lay["tp"] * lay["cp"])
+            r = predict(bench, {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix,
+                        attn_tflops=attn)
+            r["seq"], r["world"] = seq, world
+            rows.append(r)
+    if args.markdown:
+        print(f"| seq | tp | cp | dp | recompute | GPUs | tokens/s/GPU | step s | memory GiB ({args.gpu}) | fits |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lay = r["layout"]
+        line = (f"| {r['seq'] // 1024}K | {lay['tp']} | {lay['cp']} | {r['dp']} | {lay.get('recompute', 'none')} | "
+                f"{r['world']} | {r['tokens_per_s_gpu']:,.0f} | {r['step_s']:.1f} | {r['memory_gib']:.1f} | "
+                f"{'yes' if r['fits'] else 'no'} |")
+        print(line if args.markdown else line.strip("| ").replace(" | ", "  "))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
