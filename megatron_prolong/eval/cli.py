@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--data", required=True)
     pl.add_argument("--out", required=True)
     pl.add_argument("--max-sequences", type=int, help="score at most this many sequences")
+
+    h = sub.add_parser("helmet-command", help="check a Hugging Face export and print the HELMET commands",
+                       description="Checks the export's rope_theta, max_position_embeddings, tokenizer and EOS ids, "
+                                   "then prints HELMET's eval.py commands (run them in a HELMET checkout).")
+    h.add_argument("--checkpoint", required=True, help="the Hugging Face export (convert_checkpoint.py mcore-to-hf)")
+    h.add_argument("--length", type=int, default=131072, help="evaluated length (default 131072)")
+    h.add_argument("--rope-theta", type=float, help="the trained RoPE base, to check the export against")
+    h.add_argument("--output-dir", default="output")
     return p
 
 
@@ -98,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
 
             position_loss_main(args.checkpoint, args.data, args.out, tp=args.tp, cp=args.cp, dtype=args.dtype,
                                max_sequences=args.max_sequences)
+        elif args.command == "helmet-command":
+            from megatron_prolong.eval.helmet import check_export, helmet_commands
+
+            info = check_export(args.checkpoint, args.length, args.rope_theta)
+            print(f"# {args.checkpoint}: rope_theta {info['rope_theta']}, max_position_embeddings "
+                  f"{info['max_position_embeddings']}, eos_token_id {info['eos_token_id']}", file=sys.stderr)
+            print("\n".join(helmet_commands(args.checkpoint, args.length, args.output_dir)))
     except (ConversionError, EvalInputError, FileNotFoundError) as err:
         print(f"eval_long.py: error: {err}", file=sys.stderr)
         return 1
