@@ -51,30 +51,39 @@ def _config(*overrides: str) -> ProLongConfig:
         return OmegaConf.to_object(compose("config", overrides=list(overrides)))
 
 
-def test_start_from_a_checkpoint_trains_from_its_exact_weights(saved, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["resume", "load"])
+def test_training_starts_from_the_checkpoints_exact_weights(saved, tmp_path, capsys, mode):
+    """A resume (model and optimizer) and a model-only ``checkpoint.load``."""
     from megatron_prolong.convert.mcore import DistCheckpointReader, megatron_session
     from megatron_prolong.train.checkpoint import resolve_checkpoint
 
-    cfg = _config(*SMALL, f"run.dir={tmp_path / 'run'}", f"checkpoint.load={saved.dir}",
-                  "checkpoint.load_optimizer=false")
+    run_dir = tmp_path / "run"
+    if mode == "resume":
+        shutil.copytree(saved.dir, run_dir)
+        overrides = ("train.steps=3",)
+    else:
+        overrides = (f"checkpoint.load={saved.dir}", "checkpoint.load_optimizer=false")
+    cfg = _config(*SMALL, f"run.dir={run_dir}", *overrides)
     with megatron_session(cfg.parallel, cfg.train.seed) as topo:
         from megatron_prolong.train.loop import Trainer
 
         trainer = Trainer(cfg, topo)
         assert SKIPPED in capsys.readouterr().out
-        gpt = trainer.model.module
-        params = dict(gpt.named_parameters())
+        params = dict(trainer.model.module.named_parameters())
         reader = DistCheckpointReader(resolve_checkpoint(saved.dir))
         names = []
         for name, saved_tensor in reader.tensors(cfg.model, trainer.vocab_size):
-            p = params[name].detach()
-            assert torch.equal(p[: saved_tensor.shape[0]], saved_tensor), name
+            assert torch.equal(params[name].detach()[: saved_tensor.shape[0]], saved_tensor), name
             names.append(name)
         assert sorted(names) == sorted(params), "every parameter must come from the checkpoint"
-        # bf16: the optimizer steps fp32 main copies; they must be the loaded weights, not the init.
+        # bf16: the optimizer steps fp32 main copies. Loaded with the optimizer they are the saved
+        # ones (the model holds them rounded to bf16); model only, they are the loaded weights.
         pairs = [(p, m) for inner in trainer.optimizer.chained_optimizers
                  for g16, g32 in zip(inner.float16_groups, inner.fp32_from_float16_groups)
                  for p, m in zip(g16, g32)]
         assert len(pairs) == len(params)
         for p, m in pairs:
-            assert torch.equal(p.detach().float(), m.detach())
+            if mode == "load":
+                assert torch.equal(p.detach().float(), m.detach())
+            else:
+                assert torch.equal(p.detach(), m.detach().to(p.dtype))

@@ -110,19 +110,19 @@ def plot(results: list[dict], path: Path, model: str, layers: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 2.8))
-    names = ["built", "loaded", "first_step"]
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    colors = {"built": "C0", "loaded": "C1", "first_step": "C2"}  # phase -> colour, same in every row
     for row, r in enumerate(results):
         left = 0.0
-        for name in names:
+        for name, color in colors.items():
             end = r["seconds"][name]
-            ax.barh(row, end - left, left=left, label=name if row == 0 else None)
+            ax.barh(row, end - left, left=left, color=color, label=name if row == 0 else None)
             left = end
         ax.text(left, row, f" {left:.0f} s", va="center")
     ax.set_yticks(range(len(results)), [r["mode"] for r in results])
     ax.set_xlabel("seconds from process start")
     ax.set_title(f"Start from a checkpoint: {model} with {layers} layers")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
