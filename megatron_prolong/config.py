@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from megatron_prolong.attention.core import BACKENDS
+from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.attention.te_thd import validate_cp_comm_type, validate_te_version
 from megatron_prolong.data.config import DataConfig
 from megatron_prolong.tokenizer import TokenizerConfig
@@ -37,7 +37,7 @@ class ModelConfig:
     rope_scaling_factor: float = 8.0
     rope_interpolation_factor: float | None = None  # linear position interpolation
     attention_backend: str = "auto"  # auto (= plugin, the faster: docs/benchmarks.md) | plugin | te
-    attention_kernel: str = "auto"  # plugin backend: auto | reference | flex | varlen | sdpa | hybrid | cudnn
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # the plugin backend's kernels, CP split
 
 
 @dataclass
@@ -178,7 +178,10 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
     _choice("model.rope_positions", m.rope_positions, ("continuous", "per_document"))
     _choice("model.rope_scaling", m.rope_scaling, ("none", "llama3"))
     _choice("model.attention_backend", m.attention_backend, ("auto", "plugin", "te"))
-    _choice("model.attention_kernel", m.attention_kernel, BACKENDS)
+    try:
+        m.attention.check("model.attention")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _choice("train.precision", t.precision, ("bf16", "fp32"))
     _choice("train.recompute", t.recompute, ("none", "selective", "full"))
     _choice("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))

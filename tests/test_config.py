@@ -40,7 +40,7 @@ def test_default_config_is_the_tiny_demo():
         (["parallel.cp=2", "data.seq_length=1026"], 2, "data.seq_length"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
         (["model.rope_positions=absolute"], 1, "model.rope_positions"),
-        (["model.attention_kernel=fast"], 1, "model.attention_kernel"),
+        (["model.attention.kernel=fast"], 1, "model.attention.kernel"),
         (["train.lr=0"], 1, "train.lr"),
         (["model.num_query_groups=3"], 1, "model.num_attention_heads"),
         (["parallel.cp=2", "parallel.cp_comm_type=allgather"], 2, "all_gather"),

@@ -1,12 +1,12 @@
-"""Zigzag sequence sharding and the K/V all-gather used for context parallelism.
+"""The K/V all-gather of context parallelism, and the row-level zigzag helpers.
 
-The sequence of ``s`` tokens is cut into ``2C`` equal chunks; rank ``r`` of a context-parallel
-group of size ``C`` holds chunks ``r`` and ``2C-1-r``, in that order. Every rank then does the
-same amount of causal attention work (an early chunk pairs with a late one).
+Attention with CP all-gathers K and V over the group (each rank's share, then reordered to the
+natural order by the :class:`~.split.CPSplit` the shares follow), each rank computing its own
+queries against the whole gathered sequence with global positions. The backward reduce-scatters
+dK/dV back to the ranks that own the tokens.
 
-Attention with CP all-gathers K and V over the group (in zigzag order, then reordered to the
-natural order), each rank computing its own queries against the whole gathered sequence with
-global positions. The backward reduce-scatters dK/dV back to the ranks that own the tokens.
+Zigzag (chunks ``r`` and ``2C-1-r`` of ``2C`` equal chunks of the row, for rank ``r``) is the
+split of the evaluation scorer and of the tests' sharding helpers below.
 """
 
 from __future__ import annotations
@@ -36,14 +36,6 @@ def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int, device=None) -> tor
     a = torch.arange(cp_rank * n, (cp_rank + 1) * n, device=device)
     b = torch.arange((2 * cp_size - 1 - cp_rank) * n, (2 * cp_size - cp_rank) * n, device=device)
     return torch.cat([a, b])
-
-
-def zigzag_segments(seq_len: int, cp_size: int, cp_rank: int) -> list[tuple[int, int, int]]:
-    """This rank's contiguous query runs as ``(local_start, local_end, global_start)``."""
-    if cp_size == 1:
-        return [(0, seq_len, 0)]
-    n = _check(seq_len, cp_size, cp_rank)
-    return [(0, n, cp_rank * n), (n, 2 * n, (2 * cp_size - 1 - cp_rank) * n)]
 
 
 def shard_zigzag(x: torch.Tensor, dim: int, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -108,36 +100,36 @@ def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-class _GatherZigzag(torch.autograd.Function):
-    """All-gather along dim 0 of zigzag shares -> natural order; backward reduce-scatters."""
+class _GatherSplit(torch.autograd.Function):
+    """All-gather along dim 0 of every rank's share -> natural order; backward: back to the
+    rank-major order, then reduce-scatter (each token's gradient summed over the ranks that
+    read it, sent to its owner)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        cp = dist.get_world_size(group)
-        ctx.cp = cp
-        return unshard_zigzag(_all_gather_dim0(x, group), 0, cp)
+    def forward(ctx, x: torch.Tensor, group, split) -> torch.Tensor:
+        ctx.group, ctx.split = group, split
+        return _reorder(_all_gather_dim0(x, group), split.natural(x.device), split.uniform)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g = reshard_zigzag(grad, 0, ctx.cp)
-        return _reduce_scatter_dim0(g, ctx.group), None
+        g = _reorder(grad, ctx.split.rank_major(grad.device), ctx.split.uniform)
+        return _reduce_scatter_dim0(g, ctx.group), None, None
 
 
-def gather_zigzag(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-gather over ``group`` of zigzag shares along dim 0 (sequence dim of
-    Megatron's sbhd layout), returned in natural order. The gradient of the result is summed
-    over ranks and sent back to the owner of each token (reduce-scatter; all-reduce + slice on
-    gloo, which has no reduce-scatter)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    return _GatherZigzag.apply(x, group)
+def _reorder(x: torch.Tensor, index: torch.Tensor, uniform: bool) -> torch.Tensor:
+    """``out[i, row] = x[index[row, i], row]`` along dim 0 of ``[s, b, ...]``."""
+    if uniform:
+        return x.index_select(0, index[0])
+    return torch.stack([x[:, row].index_select(0, index[row]) for row in range(x.shape[1])], dim=1)
 
 
-def gather_kv_zigzag(k: torch.Tensor, v: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather K and V in one collective (they are concatenated on the last dim)."""
+def gather_kv(k: torch.Tensor, v: torch.Tensor, group, split) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the whole sequence, natural order, from every rank's share (one all-gather:
+    they are concatenated on the last dim). ``split``: the :class:`~.split.CPSplit` the shares
+    follow. Differentiable: dK/dV are reduce-scattered back to the owners (all-reduce + slice
+    on gloo, which has no reduce-scatter)."""
     if group is None or dist.get_world_size(group) == 1:
         return k, v
     d = k.shape[-1]
-    kv = gather_zigzag(torch.cat([k, v], dim=-1), group)
+    kv = _GatherSplit.apply(torch.cat([k, v], dim=-1), group, split)
     return kv[..., :d], kv[..., d:]

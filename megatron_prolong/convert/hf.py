@@ -106,7 +106,7 @@ def model_config_from_hf(cfg: dict, rope_base: float | None = None) -> tuple[Mod
         untie_embeddings=not bool(cfg.get("tie_word_embeddings", False)),
         rope_base=float(rope_base) if rope_base is not None else theta,
         rope_scaling=kind, rope_scaling_factor=factor, rope_interpolation_factor=interp,
-        attention_backend="auto", attention_kernel="auto",
+        attention_backend="auto",
     )
     if heads % groups:
         raise ConversionError(f"num_attention_heads={heads} is not divisible by num_key_value_heads={groups}")

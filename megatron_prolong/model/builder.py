@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
@@ -31,7 +32,7 @@ class ProLongTransformerConfig(TransformerConfig):
     rope_scaling: str = "none"
     rope_scaling_factor: float = 8.0
     rope_interpolation_factor: float | None = None
-    attention_kernel: str = "auto"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope_kernel: str = "torch"  # triton | torch (kernels.rope, resolved)
 
 
@@ -115,7 +116,7 @@ def build_transformer_config(
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
         rope_interpolation_factor=model.rope_interpolation_factor,
-        attention_kernel=model.attention_kernel,
+        attention=model.attention,
         # TE's THD batches vary in length (per-document padding): pipeline stages exchange shapes.
         variable_seq_lengths=te and parallel.pp > 1,
         **recompute,

@@ -10,7 +10,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_prolong.attention.core import document_attention
+from megatron_prolong.attention.dispatch import document_attention
 from megatron_prolong.model.packed import DocumentPackedSeqParams
 from megatron_prolong.model.rope import apply_rope
 
@@ -39,7 +39,7 @@ class DocumentCoreAttention(MegatronModule):
         self.cp_group = (
             pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
         )
-        self.kernel = config.attention_kernel
+        self.attention = config.attention
         self.interpolation_factor = config.rope_interpolation_factor
         self.rope_kernel = getattr(config, "rope_kernel", "torch")
         rope = RotaryEmbedding(
@@ -75,7 +75,8 @@ class DocumentCoreAttention(MegatronModule):
         cp_group = self.cp_group if self.cp_group is not None and self.cp_group.size() > 1 else None
         out = document_attention(
             query, key, value, packed_seq_params.layout,
-            cp_group=cp_group, backend=self.kernel, softmax_scale=self.softmax_scale,
+            cp_group=cp_group, split=packed_seq_params.split, config=self.attention,
+            softmax_scale=self.softmax_scale,
         )
         if cache is not None:
             cache.store(self.layer_number, key, value)

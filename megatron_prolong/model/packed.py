@@ -8,6 +8,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_prolong.attention.layout import DocumentLayout
+from megatron_prolong.attention.split import CPSplit
 
 
 @dataclass
@@ -15,11 +16,13 @@ class DocumentPackedSeqParams(PackedSeqParams):
     """Rides through Megatron's ``packed_seq_params`` argument to the plugin's core attention.
 
     ``qkv_format='sbhd'`` keeps Megatron's own THD handling (and THD RoPE) out of the way.
-    ``positions`` are the RoPE positions of this rank's tokens, [s_local, b].
+    ``positions`` are the RoPE positions of this rank's tokens, [s_local, b]; ``split`` says
+    which tokens each CP rank holds (None: zigzag).
     """
 
     layout: DocumentLayout | None = None
     positions: torch.Tensor | None = None
+    split: CPSplit | None = None
     _rope_cache: dict = field(default_factory=dict, repr=False)
 
     def rope_emb(self, inv_freq: torch.Tensor, interpolation_factor: float | None) -> torch.Tensor:

@@ -132,7 +132,8 @@ class Trainer:
                      for mb in raw]
         else:
             micro = [prepare_micro_batch(mb, rope_mode=cfg.model.rope_positions, cp_size=topo.cp_size,
-                                         cp_rank=topo.cp_rank, device=self.device)
+                                         cp_rank=topo.cp_rank, device=self.device,
+                                         attention=cfg.model.attention)
                      for mb in raw]
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()

@@ -1,7 +1,7 @@
 """One micro-batch: move it to the device, take this CP rank's share, run the model, sum the loss.
 
 Two layouts of the same loader batch: the plugin's (rows of ``s`` tokens, document boundaries in
-a ``DocumentLayout``, zigzag CP split of every row) and Transformer Engine's THD (rows
+a ``DocumentLayout``, the CP split of ``model.attention.cp_split``: work-balanced by default) and Transformer Engine's THD (rows
 concatenated into one packed stream, every document padded to a multiple of 2 x CP, TE's
 per-document CP split). Padding carries no loss.
 """
@@ -14,8 +14,9 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_prolong.attention.context_parallel import zigzag_indices
+from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.attention.layout import DocumentLayout
+from megatron_prolong.attention.split import split_for
 from megatron_prolong.attention.te_thd import te_thd_packing
 from megatron_prolong.model.packed import DocumentPackedSeqParams, rope_positions
 
@@ -31,9 +32,12 @@ class MicroBatch:
 
 
 def prepare_micro_batch(
-    mb: dict[str, torch.Tensor], *, rope_mode: str, cp_size: int, cp_rank: int, device: torch.device
+    mb: dict[str, torch.Tensor], *, rope_mode: str, cp_size: int, cp_rank: int, device: torch.device,
+    attention: AttentionConfig | None = None,
 ) -> MicroBatch:
-    """The plugin backend's layout."""
+    """The plugin backend's layout; under CP this rank's tokens, labels, loss mask and positions
+    as the CP split assigns them (the attention layers read the same split)."""
+    attention = attention or AttentionConfig()
     tokens = mb["tokens"].to(device, non_blocking=True)
     cu = mb["cu_seqlens"].to(device, non_blocking=True)
     b, seq_len = tokens.shape
@@ -41,11 +45,14 @@ def prepare_micro_batch(
     positions = rope_positions(layout, rope_mode)
     labels = mb["labels"].to(device, non_blocking=True)
     loss_mask = mb["loss_mask"].to(device, non_blocking=True)
+    split = None
     if cp_size > 1:
-        idx = zigzag_indices(seq_len, cp_size, cp_rank, device=device)
-        tokens, labels, loss_mask, positions = (t[:, idx] for t in (tokens, labels, loss_mask, positions))
+        split = split_for(layout, cp_size, attention.cp_split, min_chunk=attention.cp_min_chunk,
+                          work_fraction=attention.cp_split_work_fraction)
+        tokens, labels, loss_mask, positions = (split.shard(t, cp_rank) for t in (tokens, labels, loss_mask, positions))
     sample_ids = torch.arange(b, device=device)[:, None].expand_as(tokens)
-    packed = DocumentPackedSeqParams(qkv_format="sbhd", layout=layout, positions=positions.t().contiguous())
+    packed = DocumentPackedSeqParams(qkv_format="sbhd", layout=layout, positions=positions.t().contiguous(),
+                                     split=split)
     return MicroBatch(tokens, labels, loss_mask, sample_ids, mb["domain"], packed)
 
 

@@ -1,6 +1,7 @@
-"""Context parallelism over real gloo processes: each rank holds its zigzag share of q, k, v,
-runs document_attention with the CP group (K/V all-gather, dK/dV reduce-scatter), and its
-outputs and input gradients must equal the float64 dense oracle's shares."""
+"""Context parallelism over real gloo processes: each rank holds its share of q, k, v (zigzag
+and the work-balanced split), runs document_attention with the CP group (K/V all-gather,
+dK/dV reduce-scatter), and its outputs and input gradients must equal the float64 dense
+oracle's shares."""
 
 import os
 import socket
@@ -38,7 +39,7 @@ def _worker(rank, world, port, backends):
 
 
 def _check(group, backends):
-    from megatron_prolong.attention import DocumentLayout, document_attention, shard_zigzag
+    from megatron_prolong.attention import DocumentLayout, balanced_split, document_attention, zigzag_split
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if True:
@@ -53,17 +54,20 @@ def _check(group, backends):
             ref = dense_attention(q, k, v, rows)
             go = torch.randn(ref.shape, dtype=torch.float64, generator=g)
             gq, gk, gv = torch.autograd.grad(ref, (q, k, v), go)
-            for backend in backends:
-                ql, kl, vl = (
-                    shard_zigzag(t.detach(), 0, world, rank).requires_grad_() for t in (q, k, v)
-                )
-                out = document_attention(ql, kl, vl, layout, cp_group=group, backend=backend)
-                err = (out - shard_zigzag(ref, 0, world, rank)).abs().max().item()
-                assert err < TOL, f"CP={world} {name}/{backend} rank {rank}: output off by {err}"
-                out.backward(shard_zigzag(go, 0, world, rank))
+            splits = {"zigzag": zigzag_split(layout, world),
+                      "balanced": balanced_split(layout, world, min_chunk=2)}
+            for backend, (kind, split) in ((b_, kv) for b_ in backends for kv in splits.items()):
+                mine = lambda t: split.shard(t.transpose(0, 1), rank).transpose(0, 1)
+                ql, kl, vl = (mine(t.detach()).requires_grad_() for t in (q, k, v))
+                out = document_attention(ql, kl, vl, layout, cp_group=group, split=split,
+                                         backend=backend)
+                what_ = f"CP={world} {name}/{backend}/{kind} rank {rank}"
+                err = (out - mine(ref)).abs().max().item()
+                assert err < TOL, f"{what_}: output off by {err}"
+                out.backward(mine(go))
                 for t, full, what in ((ql, gq, "q"), (kl, gk, "k"), (vl, gv, "v")):
-                    e = (t.grad - shard_zigzag(full, 0, world, rank)).abs().max().item()
-                    assert e < TOL, f"CP={world} {name}/{backend} rank {rank}: d{what} off by {e}"
+                    e = (t.grad - mine(full)).abs().max().item()
+                    assert e < TOL, f"{what_}: d{what} off by {e}"
 
 
 def test_cp_2_and_4_over_gloo_match_dense():

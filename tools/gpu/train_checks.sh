@@ -18,5 +18,5 @@ run64k() {  # name, overrides...
   cp "/tmp/r64k_$name/metrics.jsonl" "$out/metrics_$name.jsonl" 2>/dev/null
 }
 run64k plugin_auto model.attention_backend=plugin
-run64k plugin_flex model.attention_backend=plugin model.attention_kernel=flex
+run64k plugin_flex model.attention_backend=plugin model.attention.kernel=flex
 run64k te model.attention_backend=te
