@@ -21,9 +21,10 @@ Sections:
   on a small multi-document layout with one-token documents, at CP = 1, 2 (ranks emulated
   with the full K/V), output and dq/dk/dv relative errors.
 - dense: dense causal SDPA on one 64K document (PyTorch's choice, cuDNN, FlashAttention-2).
-- main: the plugin's backends on layouts a/b/c, flex with several kernel_options.
-- cp: one rank of CP=2 at 128K (its 64K zigzag queries against the gathered 128K keys; compute
-  only, no communication: one GPU), time per local token vs CP=1 at 64K.
+- main: the plugin's backends on layouts a/b/c.
+- fresh: the first and second call on layouts never seen before (plans, graphs, compilation).
+
+Context parallelism (one rank's share against the gathered keys): tools/bench_cp.py.
 """
 
 from __future__ import annotations
@@ -41,22 +42,16 @@ import traceback
 import torch
 
 sys.path.insert(0, os.getcwd())
-import megatron_prolong.attention.core as core  # noqa: E402
 from megatron_prolong.attention import (  # noqa: E402
     DocumentLayout,
     attend_gathered,
+    pieces,
+    resolve_backend,
     shard_zigzag,
     unshard_zigzag,
+    zigzag_split,
 )
 
-FLEX_VARIANTS = {
-    "default": None,
-    "tma": {"USE_TMA": True},
-    "m128n64": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3},
-    "m128n128": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
-    "bwd64": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
-              "bwd_num_warps": 8, "bwd_num_stages": 2},
-}
 CUDNN_FIRST = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
@@ -72,35 +67,13 @@ def doc_lengths(seed: int, s: int, mean: float | None) -> list[int]:
     return out
 
 
-def useful_pairs(layout: DocumentLayout, cp_size=1, cp_rank=0) -> int:
+def useful_pairs(layout: DocumentLayout, split=None, cp_rank=0) -> int:
+    """Unmasked (query, key) pairs of one rank (of ``split``; default: CP = 1)."""
     tot = 0
-    for _, lq0, lq1, k0, k1 in core.pieces(layout, cp_size, cp_rank):
+    for _, lq0, lq1, k0, k1 in pieces(layout, split or zigzag_split(layout, 1), cp_rank):
         n, L = lq1 - lq0, k1 - k0
         tot += n * (L - n) + n * (n + 1) // 2
     return tot
-
-
-_KNOBS = ("FLEX_KERNEL_OPTIONS", "SDPA_PRIORITY", "HYBRID_MIN_DOC", "HYBRID_SHORT_BACKEND",
-          "HYBRID_STREAMS")
-
-
-@contextlib.contextmanager
-def settings(flex_opts=None, sdpa_priority=None, min_doc=None, short=None, streams=None):
-    old = {n: getattr(core, n) for n in _KNOBS}
-    core.FLEX_KERNEL_OPTIONS = flex_opts
-    if sdpa_priority is not None:
-        core.SDPA_PRIORITY = sdpa_priority or None  # () -> PyTorch's own order
-    if min_doc is not None:
-        core.HYBRID_MIN_DOC = min_doc
-    if short is not None:
-        core.HYBRID_SHORT_BACKEND = short
-    if streams is not None:
-        core.HYBRID_STREAMS = streams
-    try:
-        yield
-    finally:
-        for n, val in old.items():
-            setattr(core, n, val)
 
 
 # ---------------------------------------------------------------------- Transformer Engine
@@ -157,16 +130,14 @@ def check(args, report):
 
     def run(backend, cp, **kw):
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        with settings(**kw):
-            outs = [attend_gathered(shard_zigzag(qq, 0, cp, r), kk, vv, layout, cp_size=cp,
-                                    cp_rank=r, backend=backend) for r in range(cp)]
+        outs = [attend_gathered(shard_zigzag(qq, 0, cp, r), kk, vv, layout, cp_size=cp,
+                                cp_rank=r, backend=backend) for r in range(cp)]
         out = unshard_zigzag(torch.cat(outs), 0, cp)
         out.backward(go)
         return out.detach(), qq.grad, kk.grad, vv.grad
 
     ref = run("reference", 1)
-    cases = [("flex", {}), ("varlen", {}), ("sdpa", {}), ("hybrid", {"min_doc": 512}),
-             ("hybrid", {"min_doc": 512, "streams": 4}), ("auto", {}), ("cudnn", {})]
+    cases = [("flex", {}), ("sdpa", {}), ("auto", {}), ("cudnn", {})]
     keep = set(filter(None, args.check_backends.split(",")))
     if keep:
         cases = [c for c in cases if c[0] in keep]
@@ -280,22 +251,17 @@ def main():
     global args_g, T0
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=65536)
-    p.add_argument("--sections", default="check,dense,main,cp")
-    p.add_argument("--flex", default="default", help="flex kernel_options variants")
+    p.add_argument("--sections", default="check,dense,main")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--rep", type=int, default=1500)
     p.add_argument("--budget-s", type=float, default=520)
-    p.add_argument("--hybrid", default="512,1024,2048,4096",
-                   help="hybrid min_doc thresholds to time (multi-document layouts)")
-    p.add_argument("--streams", default="1024x2,2048x4",
-                   help="hybrid variants with side streams, MIN_DOCxSTREAMS")
     p.add_argument("--te", choices=("auto", "yes", "no"), default="auto",
                    help="time Transformer Engine's THD attention (auto: when importable)")
     p.add_argument("--cases", default="",
                    help="main section: only these case names (';'-separated; empty: all)")
     p.add_argument("--layouts", default="", help="main section: only these layouts")
     p.add_argument("--check-backends", default="", help="check section: only these backends")
-    p.add_argument("--fresh", default="auto,flex,sdpa,varlen,cudnn",
+    p.add_argument("--fresh", default="auto,flex,sdpa,cudnn",
                    help="fresh section: backends")
     p.add_argument("--out", default=None)
     args_g = p.parse_args()
@@ -366,18 +332,7 @@ def main():
             if args_g.te:
                 cases.append(("TE_thd[cudnn]", "te", {}))
             cases.append(("auto", "auto", {}))
-            for fv in filter(None, args_g.flex.split(",")):
-                cases.append((f"flex[{fv}]", "flex", {"flex_opts": FLEX_VARIANTS[fv]}))
-            cases += [("varlen[fa2]", "varlen", {}),
-                      ("sdpa[per-doc]", "sdpa", {}),
-                      ("cudnn[thd]", "cudnn", {})]
-            if lname != "a_1doc":
-                for t in filter(None, args_g.hybrid.split(",")):
-                    cases.append((f"hybrid[min_doc={t}]", "hybrid", {"min_doc": int(t)}))
-                for st in filter(None, args_g.streams.split(",")):
-                    t, n = st.split("x")
-                    cases.append((f"hybrid[min_doc={t},streams={n}]", "hybrid",
-                                  {"min_doc": int(t), "streams": int(n)}))
+            cases += [("flex", "flex", {}), ("sdpa[per-doc]", "sdpa", {}), ("cudnn[thd]", "cudnn", {})]
             keep = set(filter(None, args_g.cases.split(";")))
             if keep:
                 cases = [c for c in cases if c[0] in keep]
@@ -387,10 +342,9 @@ def main():
                 if backend == "te":
                     fn = te_thd(lay)
                 else:
-                    def fn(q, k, v, backend=backend, kw=kw):
-                        with settings(**kw):
-                            return plugin(backend)(q, k, v)
-                extra = {"resolved": core.resolve_backend("auto", q.device, lay)} if \
+                    fn = plugin(backend)
+                extra = {"resolved": resolve_backend("auto", q.device, lay, dtype=q.dtype,
+                                                     head_dim=d)} if \
                     backend == "auto" else None
                 time_case(report, "main", name, lname, fn, q, k, v, go, pairs, hq, d, extra)
 
@@ -422,33 +376,6 @@ def main():
                                "error": f"{type(e).__name__}: {e}"[:300]}
                     report["fresh"].append(row)
                     print("fresh", json.dumps(row), flush=True)
-
-    if "cp" in sections:
-        del q, k, v, go
-        s2 = 2 * s
-        lay2 = {
-            "a_1doc": DocumentLayout.from_lengths([doc_lengths(0, s2, None)], device="cuda"),
-            "b_mean8K": DocumentLayout.from_lengths([doc_lengths(11, s2, 8192)], device="cuda"),
-            "c_mean2K": DocumentLayout.from_lengths([doc_lengths(12, s2, 2048)], device="cuda"),
-        }
-        qf, kf, vf = make_inputs(s2, b, hq, hkv, d, seed=1)
-        go2 = torch.randn(s, b, hq * d, device="cuda", dtype=torch.bfloat16)
-        for lname, lay in lay2.items():
-            for r in range(2):
-                ql = shard_zigzag(qf.detach(), 0, 2, r).requires_grad_()
-                pairs = useful_pairs(lay, 2, r)
-                for backend, kw, label in [("flex", {}, "flex"), ("varlen", {}, "varlen[fa2]"),
-                                           ("sdpa", {}, "sdpa"), ("auto", {}, "auto")]:
-                    if backend == "sdpa" and lname != "a_1doc":
-                        continue
-
-                    def fn(q, k, v, backend=backend, kw=kw, r=r, lay=lay):
-                        with settings(**kw):
-                            return attend_gathered(q, k, v, lay, cp_size=2, cp_rank=r,
-                                                   backend=backend)
-                    time_case(report, "cp2_128K", f"{label}", lname, fn, ql, kf, vf, go2,
-                              pairs, hq, d, extra={"rank": r, "local_tokens": s})
-                del ql
 
     # ------------------------------------------------------------ summary
     print("\n== checks (relative error vs reference; ok < 3e-2) ==")

@@ -1,11 +1,17 @@
-"""Context-parallel attention timing: attention time per token at CP = N, communication included.
+"""Context-parallel attention timing.
 
-Each rank holds its zigzag share of a ``seq`` token row (32 query / 8 KV heads, dim 128 by
-default) and runs the plugin's ``document_attention`` with the CP process group: the K/V
-all-gather, the attention and, in backward, the reduce-scatter of the K/V gradients. Compare
-``torchrun --nproc_per_node 2 tools/bench_cp.py --seq 131072`` with
-``torchrun --nproc_per_node 1 tools/bench_cp.py --seq 65536`` (the issue's CP=2 at 128K vs CP=1 at 64K).
-Runs on CPU over gloo too (small sizes; used by the tests to check the script, not for timing).
+Two modes:
+
+- ``--simulate C[,C...]`` (one process, one GPU): each CP rank's compute timed alone, its
+  queries (as the CP split assigns them) against the full K/V, forward+backward, as TFLOP/s of
+  its unmasked causal pairs, next to the same kernel's rate at CP = 1 on the same row. The
+  per-rank rate under CP over the CP = 1 rate is the efficiency of the kernel on a rank's pieces
+  (target >= 90%); max/mean per-rank time is the imbalance a step waits for. Example:
+  ``python tools/bench_cp.py --simulate 2,8 --seq 131072 --backends cudnn,flex --out r.json``.
+- otherwise (``torchrun --nproc_per_node N``): attention time per token at CP = N with the real
+  K/V all-gather and dK/dV reduce-scatter (NCCL, or gloo on CPU at small sizes).
+
+FLOP convention as tools/bench_attention.py: 4 x dim x heads x pairs forward, x 3.5 fwd+bwd.
 """
 
 from __future__ import annotations
@@ -18,26 +24,95 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_prolong.attention.context_parallel import shard_zigzag
-from megatron_prolong.attention.core import document_attention
-from megatron_prolong.attention.layout import DocumentLayout
+from megatron_prolong.attention import (
+    AttentionConfig, DocumentLayout, attend_gathered, balance, document_attention, split_for,
+)
 
-from bench_attention import doc_lengths  # the same random layouts as the single-GPU benchmark
+from bench_attention import doc_lengths, useful_pairs  # the same layouts as the one-GPU benchmark
+
+LAYOUTS = {"one_doc": None, "mean8K": 8192, "mean2K": 2048}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=131072)
-    p.add_argument("--mean-doc", type=float, default=0, help="mean document length (0: one document)")
+    p.add_argument("--mean-doc", type=float, default=0, help="torchrun mode: mean document length (0: one document)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", help="torchrun mode")
+    p.add_argument("--split", default="balanced", choices=("balanced", "zigzag"))
+    p.add_argument("--simulate", default="", help="CP sizes to simulate on one GPU, e.g. 2,8")
+    p.add_argument("--backends", default="cudnn,flex", help="simulate mode: kernels to time")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="simulate mode")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rep", type=int, default=10)
-    p.add_argument("--out", default=None, help="JSON file written by rank 0")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None, help="JSON file (rank 0)")
+    return p.parse_args(argv)
 
+
+def _time(step, warmup: int, rep: int, cuda: bool) -> float:
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(rep):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / rep
+
+
+def simulate(args) -> dict:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    full = lambda h: torch.randn(args.seq, 1, h, args.dim, generator=g, device=device, dtype=dtype)
+    q, k, v = full(args.heads), full(args.kv_heads), full(args.kv_heads)
+    flop = lambda pairs, sec: 3.5 * 4 * args.dim * args.heads * pairs / sec / 1e12
+    rows = []
+    for lname in args.layouts.split(","):
+        layout = DocumentLayout.from_lengths([doc_lengths(0, args.seq, LAYOUTS[lname])], device=device)
+        for backend in args.backends.split(","):
+            cfg = AttentionConfig(kernel=backend, cp_split=args.split)
+
+            def step(cp, r, split):
+                qq = split.shard(q.transpose(0, 1), r).transpose(0, 1).detach().requires_grad_()
+                kk, vv = k.detach().requires_grad_(), v.detach().requires_grad_()
+                return lambda: attend_gathered(qq, kk, vv, layout, split=split, cp_rank=r,
+                                               config=cfg).float().square().mean().backward()
+
+            one = split_for(layout, 1)
+            try:
+                t1 = _time(step(1, 0, one), args.warmup, args.rep, cuda)
+            except Exception as e:  # noqa: BLE001 - e.g. cudnn-frontend missing: say so, go on
+                rows.append({"layout": lname, "backend": backend, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            base = flop(useful_pairs(layout), t1)
+            for cp in (int(c) for c in args.simulate.split(",")):
+                split = split_for(layout, cp, args.split)
+                times, rates = [], []
+                for r in range(cp):
+                    t = _time(step(cp, r, split), args.warmup, args.rep, cuda)
+                    times.append(t)
+                    rates.append(flop(useful_pairs(layout, split, r), t))
+                rows.append({
+                    "layout": lname, "backend": backend, "cp": cp, "split": args.split,
+                    "work_balance": round(balance(layout, split), 4),
+                    "time_max_over_mean": round(max(times) * cp / sum(times), 4),
+                    "cp1_tflops": round(base, 1), "rank_tflops": [round(x, 1) for x in rates],
+                    "min_rank_rate_vs_cp1": round(min(rates) / base, 3),
+                    "ms_per_rank": [round(1e3 * t, 2) for t in times],
+                })
+                print(json.dumps(rows[-1]), flush=True)
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "seq": args.seq,
+            "heads": [args.heads, args.kv_heads, args.dim], "rows": rows}
+
+
+def distributed(args) -> dict:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -46,43 +121,42 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     layout = DocumentLayout.from_lengths([doc_lengths(0, args.seq, args.mean_doc or None)], device=device)
+    split = split_for(layout, cp, args.split)
     g = torch.Generator(device=device).manual_seed(0)  # the same full row on every rank
 
-    def full(h: int) -> torch.Tensor:
-        return torch.randn(args.seq, 1, h, args.dim, generator=g, device=device, dtype=dtype)
+    def mine(h: int) -> torch.Tensor:
+        x = torch.randn(args.seq, 1, h, args.dim, generator=g, device=device, dtype=dtype)
+        return split.shard(x.transpose(0, 1), rank).transpose(0, 1).contiguous().requires_grad_()
 
-    q, k, v = (shard_zigzag(full(h), 0, cp, rank).requires_grad_() for h in (args.heads, args.kv_heads, args.kv_heads))
+    q, k, v = mine(args.heads), mine(args.kv_heads), mine(args.kv_heads)
     group = dist.group.WORLD if cp > 1 else None
 
     def step() -> None:
-        out = document_attention(q, k, v, layout, cp_group=group, backend=args.backend)
+        out = document_attention(q, k, v, layout, cp_group=group, split=split, backend=args.backend)
         out.float().square().mean().backward()
 
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
     dist.barrier()
-    start = time.perf_counter()
-    for _ in range(args.rep):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.rep
+    seconds = _time(step, args.warmup, args.rep, cuda)
     times = [None] * cp
     dist.all_gather_object(times, seconds)
     result = {
         "cp": cp, "seq": args.seq, "mean_doc": args.mean_doc, "backend": args.backend,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "split": args.split, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "ms_per_rank": [1e3 * t for t in times],
         "us_per_local_token": [1e6 * t / (args.seq // cp) for t in times],
     }
-    if rank == 0:
+    dist.destroy_process_group()
+    return result if rank == 0 else {}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _args(argv)
+    result = simulate(args) if args.simulate else distributed(args)
+    if result:
         print(json.dumps(result))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
-    dist.destroy_process_group()
     return result
 
 

@@ -1,0 +1,30 @@
+"""The work-balanced CP split in the trainer: per-step losses AND gradient norms at CP = 2 and 4
+(and CP = 2 with TP = 2 and sequence parallelism) equal the single process's, float32, 1e-4
+relative. ``cp_min_chunk=4`` makes the split cut documents of these 256-token rows over the
+ranks, not only place them whole, so both paths of the split run."""
+
+from __future__ import annotations
+
+import pytest
+from trainrun import PARITY, assert_losses_close
+
+SPLIT = ("model.attention.cp_split=balanced", "model.attention.cp_min_chunk=4")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    from trainrun import train
+
+    return train(tmp_path_factory.mktemp("baseline") / "run", *PARITY).metrics
+
+
+@pytest.mark.parametrize("layout,nproc", [
+    (("parallel.cp=2",), 2),
+    (("parallel.cp=4",), 4),
+    (("parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"), 4),
+], ids=["cp2", "cp4", "tp2-cp2-sp"])
+def test_balanced_split_matches_single_process(baseline, run_training, layout, nproc):
+    run = run_training(*PARITY, *SPLIT, *layout, nproc=nproc)
+    assert len(baseline) == 4
+    assert_losses_close(run.losses, [m["loss"] for m in baseline])
+    assert_losses_close([m["grad_norm"] for m in run.metrics], [m["grad_norm"] for m in baseline])
