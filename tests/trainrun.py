@@ -33,6 +33,30 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def compose_config(*overrides: str):
+    """The typed configuration the trainer would run with these overrides."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from megatron_prolong.config import register_configs
+
+    register_configs()
+    with initialize_config_module("megatron_prolong.conf", version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def assert_checkpoint_size_estimated(run_dir: Path, step: int, *overrides: str, rel: float = 0.02) -> None:
+    """The trainer's size estimate is within ``rel`` of a saved checkpoint's bytes on disk (the
+    rest is metadata, RNG and data-stream state)."""
+    from megatron_prolong.tokenizer import ByteTokenizer
+    from megatron_prolong.train.checkpoint_manager import estimate_disk
+
+    estimate = estimate_disk(compose_config(*overrides), ByteTokenizer.vocab_size).each
+    folder = run_dir / "checkpoints" / f"iter_{step:07d}"
+    actual = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert abs(actual - estimate) <= rel * actual, f"estimated {estimate} bytes, {actual} on disk"
+
+
 def _env() -> dict[str, str]:
     # A child run makes its own rendezvous: drop any the test process itself set up.
     drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")

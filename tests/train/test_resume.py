@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from trainrun import SMALL, assert_losses_close, read_metrics, train
+from trainrun import SMALL, assert_checkpoint_size_estimated, assert_losses_close, read_metrics, train
 
 
 def crashed_copy(run_dir: Path, dest: Path, step: int) -> Path:
@@ -56,6 +56,11 @@ def test_logged_lr_is_the_one_the_step_used(full, n):
     assert m[1]["lr"] == 0.0  # the warmup's first step; the old log showed the next step's (the peak)
     for s in range(1, 7):
         assert m[s]["lr"] == pytest.approx(megatron_lr(s - 1, 3e-3, 3e-4, 1, 6), rel=1e-12), s
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_size_estimate_matches_the_saved_checkpoints(full, n):
+    assert_checkpoint_size_estimated(full[n].dir, 3, *FULL, OPTIMIZER[n])  # fp32; plain and distributed optimizer
 
 
 @pytest.mark.parametrize("saved_on, resumed_on", [(1, 2), (2, 1)])
