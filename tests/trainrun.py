@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,24 @@ def assert_checkpoint_size_estimated(run_dir: Path, step: int, *overrides: str, 
     folder = run_dir / "checkpoints" / f"iter_{step:07d}"
     actual = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert abs(actual - estimate) <= rel * actual, f"estimated {estimate} bytes, {actual} on disk"
+
+
+def crashed_copy(run_dir: Path, dest: Path, step: int) -> Path:
+    """``run_dir`` as it was had the run crashed after its last step, with ``step`` its last save."""
+    shutil.copytree(run_dir, dest)
+    ckpts = dest / "checkpoints"
+    for later in ckpts.glob("iter_*"):
+        if int(later.name[5:]) > step:
+            shutil.rmtree(later)
+    (ckpts / "latest_checkpointed_iteration.txt").write_text(str(step))
+    return dest
+
+
+def by_step(run_dir: Path) -> dict[int, dict]:
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: r for r in records}
 
 
 def _env() -> dict[str, str]:

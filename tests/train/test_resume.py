@@ -3,30 +3,9 @@
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import pytest
-from trainrun import SMALL, assert_checkpoint_size_estimated, assert_losses_close, read_metrics, train
-
-
-def crashed_copy(run_dir: Path, dest: Path, step: int) -> Path:
-    """``run_dir`` as it was had the run crashed after its last step, with ``step`` its last save."""
-    shutil.copytree(run_dir, dest)
-    ckpts = dest / "checkpoints"
-    for later in ckpts.glob("iter_*"):
-        if int(later.name[5:]) > step:
-            shutil.rmtree(later)
-    (ckpts / "latest_checkpointed_iteration.txt").write_text(str(step))
-    return dest
-
-
-def by_step(run_dir: Path) -> dict[int, dict]:
-    records = read_metrics(run_dir)
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)), f"a step is logged twice: {steps}"
-    return {r["step"]: r for r in records}
-
+from trainrun import SMALL, assert_checkpoint_size_estimated, assert_losses_close, by_step, crashed_copy, train
 
 # Run n of FULL: processes, optimizer; 6 steps of the demo schedule (peak 3e-3, floor 3e-4, one
 # warmup step), saved at step 3.
