@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,48 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The run's metrics.jsonl records, in the order written (a step re-run after a kill repeats)."""
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def compose_config(*overrides: str):
+    """The typed configuration the trainer would run with these overrides."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from megatron_prolong.config import register_configs
+
+    register_configs()
+    with initialize_config_module("megatron_prolong.conf", version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def assert_checkpoint_size_estimated(run_dir: Path, step: int, *overrides: str, rel: float = 0.02) -> None:
+    """The trainer's size estimate is within ``rel`` of a saved checkpoint's bytes on disk (the
+    rest is metadata, RNG and data-stream state)."""
+    from megatron_prolong.tokenizer import ByteTokenizer
+    from megatron_prolong.train.checkpoint_manager import estimate_disk
+
+    estimate = estimate_disk(compose_config(*overrides), ByteTokenizer.vocab_size).each
+    folder = run_dir / "checkpoints" / f"iter_{step:07d}"
+    actual = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert abs(actual - estimate) <= rel * actual, f"estimated {estimate} bytes, {actual} on disk"
+
+
+def crashed_copy(run_dir: Path, dest: Path, step: int) -> Path:
+    """``run_dir`` as it was had the run crashed after its last step, with ``step`` its last save."""
+    shutil.copytree(run_dir, dest)
+    ckpts = dest / "checkpoints"
+    for later in ckpts.glob("iter_*"):
+        if int(later.name[5:]) > step:
+            shutil.rmtree(later)
+    (ckpts / "latest_checkpointed_iteration.txt").write_text(str(step))
+    return dest
+
+
+def by_step(run_dir: Path) -> dict[int, dict]:
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: r for r in records}
 
 
 def _env() -> dict[str, str]:

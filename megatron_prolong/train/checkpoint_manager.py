@@ -33,10 +33,13 @@ _SCHEDULE_KEYS = {"max_lr": "train.lr", "min_lr": "floor (train.min_lr / min_lr_
                   "start_wd": "train.weight_decay"}
 
 
-def checkpoint_bytes_per_param(precision: str) -> tuple[int, str]:
-    """Bytes one parameter takes in a checkpoint with optimizer state, and what they are."""
+def checkpoint_bytes_per_param(precision: str, distributed_optimizer: bool) -> tuple[int, str]:
+    """Bytes one parameter takes in a checkpoint with optimizer state, and what they are (the
+    distributed optimizer also saves its fp32 copy of fp32 weights)."""
     if precision == "bf16":
         return 14, "bf16 weights + fp32 master weights + fp32 Adam moments"
+    if distributed_optimizer:
+        return 16, "fp32 weights + the distributed optimizer's fp32 copy + fp32 Adam moments"
     return 12, "fp32 weights + fp32 Adam moments"
 
 
@@ -65,6 +68,10 @@ def _si(n: float, unit: str) -> str:
     return f"{n:.3g} {prefixes[i]}{unit}"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
 @dataclass(frozen=True)
 class DiskEstimate:
     params: int
@@ -80,8 +87,8 @@ class DiskEstimate:
         return self.params * self.bytes_per_param
 
     def report(self, root: Path) -> str:
-        return (f"checkpoints: about {_si(self.each, 'B')} each ({_si(self.params, 'parameters')} x "
-                f"{self.bytes_per_param} bytes: {self.what}); {self.saves} saves, {self.policy}: {self.kept} "
+        return (f"checkpoints: about {_si(self.each, 'B')} each ({_count(self.params)} parameters x "
+                f"{self.bytes_per_param} bytes: {self.what}); {self.saves} saves ({self.policy}): {self.kept} "
                 f"left at the end, {_si(self.kept * self.each, 'B')} (up to {_si(self.peak * self.each, 'B')} "
                 f"while one is written) in {root}")
 
@@ -89,7 +96,7 @@ class DiskEstimate:
 def estimate_disk(cfg: ProLongConfig, vocab_size: int) -> DiskEstimate:
     """Bytes per checkpoint (parameters x bytes each) and checkpoints on disk under the retention policy."""
     c = cfg.checkpoint
-    per_param, what = checkpoint_bytes_per_param(cfg.train.precision)
+    per_param, what = checkpoint_bytes_per_param(cfg.train.precision, cfg.parallel.distributed_optimizer)
     saves = save_steps(cfg.train.steps, c.save_interval)
     kept, peak = retention(saves, c.keep_last, c.keep_every)
     policy = (f"checkpoint.keep_last={c.keep_last}, keep_every={c.keep_every}" if c.keep_last

@@ -237,9 +237,8 @@ class Trainer:
                     record.update({**self.domains.as_dict(), **evals})
                     if writer:
                         writer.write(self.step, record)
-                interval = cfg.checkpoint.save_interval
                 stop = preemption.should_stop(self.device)
-                if stop or self.step == total or (interval and self.step % interval == 0):
+                if stop or self.checkpoints.due(self.step):
                     self.save()
                 if stop and self.step < total:
                     self._log(f"{preemption.signal_name}: checkpointed at step {self.step}; exiting with "

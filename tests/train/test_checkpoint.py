@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainrun import SMALL, assert_losses_close, read_metrics, start, train
+from trainrun import SMALL, assert_losses_close, by_step, start, train
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -20,11 +20,6 @@ def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
 def _kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-def _per_step(run_dir: Path) -> dict[int, float]:
-    # a step re-run after a kill must give the same loss: the last record of a step wins
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +47,9 @@ def test_killed_mid_save_and_at_random_steps_resumes_exactly(uninterrupted, tmp_
     # 3. Let it finish.
     finished = train(run_dir, *SMALL, "train.steps=12", "checkpoint.save_interval=1", nproc=2)
     assert "resumed from" in finished.output
-    resumed, full = _per_step(run_dir), _per_step(uninterrupted.dir)
+    resumed, full = by_step(run_dir), by_step(uninterrupted.dir)  # each step logged once (a resume cuts)
     assert sorted(resumed) == list(range(1, 13))
-    assert_losses_close([resumed[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rel=1e-9)
+    assert_losses_close([resumed[s]["loss"] for s in range(1, 13)], [full[s]["loss"] for s in range(1, 13)], rel=1e-9)
 
 
 def test_keep_last_and_every(tmp_path):

@@ -3,30 +3,9 @@
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import pytest
-from trainrun import SMALL, assert_losses_close, read_metrics, train
-
-
-def crashed_copy(run_dir: Path, dest: Path, step: int) -> Path:
-    """``run_dir`` as it was had the run crashed after its last step, with ``step`` its last save."""
-    shutil.copytree(run_dir, dest)
-    ckpts = dest / "checkpoints"
-    for later in ckpts.glob("iter_*"):
-        if int(later.name[5:]) > step:
-            shutil.rmtree(later)
-    (ckpts / "latest_checkpointed_iteration.txt").write_text(str(step))
-    return dest
-
-
-def by_step(run_dir: Path) -> dict[int, dict]:
-    records = read_metrics(run_dir)
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)), f"a step is logged twice: {steps}"
-    return {r["step"]: r for r in records}
-
+from trainrun import SMALL, assert_checkpoint_size_estimated, assert_losses_close, by_step, crashed_copy, train
 
 # Run n of FULL: processes, optimizer; 6 steps of the demo schedule (peak 3e-3, floor 3e-4, one
 # warmup step), saved at step 3.
@@ -56,6 +35,11 @@ def test_logged_lr_is_the_one_the_step_used(full, n):
     assert m[1]["lr"] == 0.0  # the warmup's first step; the old log showed the next step's (the peak)
     for s in range(1, 7):
         assert m[s]["lr"] == pytest.approx(megatron_lr(s - 1, 3e-3, 3e-4, 1, 6), rel=1e-12), s
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_size_estimate_matches_the_saved_checkpoints(full, n):
+    assert_checkpoint_size_estimated(full[n].dir, 3, *FULL, OPTIMIZER[n])  # fp32; plain and distributed optimizer
 
 
 @pytest.mark.parametrize("saved_on, resumed_on", [(1, 2), (2, 1)])
