@@ -39,6 +39,8 @@ def test_default_config_is_the_tiny_demo():
         (["parallel.pp=3"], 3, "parallel.pp"),
         (["parallel.cp=2", "data.seq_length=1026"], 2, "data.seq_length"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
+        (["kernels.rope=fast"], 1, "kernels.rope"),
+        (["kernels.cross_entropy=liger"], 1, "kernels.cross_entropy"),
         (["model.rope_positions=absolute"], 1, "model.rope_positions"),
         (["model.attention.kernel=fast"], 1, "model.attention.kernel"),
         (["train.lr=0"], 1, "train.lr"),

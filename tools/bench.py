@@ -37,6 +37,7 @@ optimizer's fp32 states of 8B parameters do not fit next to them on one GPU, see
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -275,24 +276,30 @@ def run_path(tag: str, kind: str, overrides: list[str], args, base: list[str], l
     report["paths"][tag] = res
     for n_layers in args.layers:
         cfg = compose(base + [f"model.num_layers={n_layers}"] + overrides)
+        before = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         t0 = time.perf_counter()
         path = (StockPath if kind == "stock" else TrainerPath)(cfg, topo)
         if kind == "variant":
             res["kind"] = "trainer"
         res["params_per_layer"] = path.params_per_layer
         print(f"[bench] {tag}: {n_layers} layers built in {time.perf_counter() - t0:.1f} s", flush=True)
-        per = res["layers"][str(n_layers)] = {}
+        per = res["layers"][str(n_layers)] = {"layouts": {}}
         try:
             for name in layouts:
-                per[name] = time_layout(path, name, args.warmup, args.steps)
-                print(f"[bench] {tag} L={n_layers} {name}: {per[name]['median_s'] * 1e3:.1f} ms/step, "
-                      f"peak {per[name]['peak_gib']:.1f} GiB", flush=True)
+                r = per["layouts"][name] = time_layout(path, name, args.warmup, args.steps)
+                print(f"[bench] {tag} L={n_layers} {name}: {r['median_s'] * 1e3:.1f} ms/step, "
+                      f"peak {r['peak_gib']:.1f} GiB", flush=True)
             if args.profile and n_layers == args.layers[0] and tag == args.profile_path:
                 for name in [n for n in args.profile_layouts if n in layouts]:
                     profile_step(path, name, args.profile, tag)
         finally:
             path.close()
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            del path
+            gc.collect()  # modules, hooks and optimizer hold reference cycles
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        # memory a previous build left allocated would inflate this one's peaks
+        per["allocated_before_build_gib"] = before
     summarize(res, layouts, args, lengths, report["matmul_tflops"], report["model"], report["vocab"])
 
 
@@ -301,7 +308,7 @@ def summarize(res: dict, layouts: list[str], args, lengths, matmul: float, model
     state_gib = res["params_per_layer"] * (STOCK_STATE_BYTES if res["kind"] == "stock" else TRAINER_STATE_BYTES) / 2**30
     res["state_gib_per_layer"] = state_gib
     summary = res["summary"] = {}
-    a, b = res["layers"][str(l1)], res["layers"][str(l2)]
+    a, b = res["layers"][str(l1)]["layouts"], res["layers"][str(l2)]["layouts"]
     for name in layouts:
         t_layer = (b[name]["median_s"] - a[name]["median_s"]) / (l2 - l1)
         fixed = a[name]["median_s"] - l1 * t_layer

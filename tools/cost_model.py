@@ -66,8 +66,7 @@ def split_layer(summary: dict, model, seq: int, lengths: list[int], matmul_tflop
 
 
 def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Network, *,
-            global_batch: int, mix: dict[str, float], attn_tflops: dict[str, float],
-            tp_gemm_efficiency: float = 0.92, overlap_grad_reduce: bool = True) -> dict:
+            global_batch: int, mix: dict[str, float], tp_gemm_efficiency: float = 0.92, overlap_grad_reduce: bool = True) -> dict:
     model = LLAMA3_8B
     tp, cp = layout["tp"], layout["cp"]
     dp = world // (tp * cp)
@@ -78,15 +77,15 @@ def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Netw
     base_seq = bench["seq"]
     per_row = {}
     for name, weight in mix.items():
-        mean = {"one_doc": None, "mean8k": 8192, "mean2k": 2048, "mean1.5k": 1536}[name]
-        lengths_base = [base_seq] if mean is None else _expected_lengths(base_seq, mean)
-        lengths = [seq] if mean is None else _expected_lengths(seq, mean)
-        parts = split_layer(plugin[name], model, base_seq, lengths_base, rate, attn_tflops[name])
+        measured, lengths_base, lengths = _layout(name, base_seq, seq)
+        parts = split_layer(plugin[measured], model, base_seq, lengths_base, rate, ATTENTION_CP1[measured])
+        # under CP the plugin's attention runs flex, slower than cuDNN by FLEX_UNDER_CP
+        attn_rate_ratio = FLEX_UNDER_CP[measured] if cp > 1 else 1.0
         scale = seq / base_seq
         attn_scale = attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths) / max(
             attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths_base), 1)
         compute = (parts["matmul"] * scale / (tp_gemm_efficiency if tp > 1 else 1.0)
-                   + parts["attention"] * attn_scale + parts["other"] * scale) / (tp * cp)
+                   + parts["attention"] * attn_scale / attn_rate_ratio + parts["other"] * scale) / (tp * cp)
         if layout.get("recompute") == "full":  # one more forward pass: about a third of forward + backward
             compute *= 4 / 3
         tp_bytes = 8 * (tp - 1) / tp * seq / cp * h * 2 if tp > 1 else 0.0
@@ -96,7 +95,7 @@ def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Netw
         per_row[name] = {"layer_s": layer, "weight": weight, "compute_s": compute,
                          "tp_comm_s": tp_bytes / (net.nvlink * 1e9), "cp_comm_s": cp_bytes / (cp_bw * 1e9)}
     layer_s = sum(r["layer_s"] * r["weight"] for r in per_row.values())
-    fixed = sum(plugin[n]["fixed_ms"] * w for n, w in mix.items()) / 1e3 * seq / base_seq / (tp * cp)
+    fixed = sum(plugin[_layout(n, base_seq, seq)[0]]["fixed_ms"] * w for n, w in mix.items()) / 1e3 * seq / base_seq / (tp * cp)
     micro = layer_s * model.num_layers + fixed
     n_micro = global_batch // dp
     params_rank = _params(model) / tp
@@ -112,6 +111,29 @@ def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Netw
     return {"layout": layout, "dp": dp, "micro_batches": n_micro, "micro_batch_s": micro, "step_s": step,
             "tokens_per_s_gpu": tokens_per_gpu, "per_layer": per_row, "dp_comm_s": dp_s,
             "memory_gib": est.total / GiB, "fits": est.fits}
+
+
+#: attention kernel rates at CP = 1 (TFLOP/s, H100, docs/benchmarks.md 2026-11-24): one document
+#: through cuDNN SDPA, packed documents through the cudnn THD kernel (mean 1.5K: taken as mean 2K's)
+ATTENTION_CP1 = {"one_doc": 540.0, "mean8k": 495.0, "mean2k": 449.0, "mean1.5k": 449.0}
+#: flex (the plugin's kernel under CP) over the CP = 1 kernel, per local token (docs/benchmarks.md,
+#: "Context parallelism": one doc 2 x 3.48 / 9.59 us/token; mean 8K / 2K 0.60 / 0.305 us/token of
+#: cudnn against flex's 0.837 / 0.434 at CP = 1)
+FLEX_UNDER_CP = {"one_doc": 0.73, "mean8k": 0.72, "mean2k": 0.70, "mean1.5k": 0.70}
+#: ProLong's data per stage as rows (docs/recipe.md): 64K: 60% single documents, 40% packed short
+#: documents; 512K: 20% single 512K documents (code, books), 40% rows of 8 packed 64K documents,
+#: 40% packed short documents
+MIXES = {65536: {"one_doc": 0.6, "mean1.5k": 0.4}, 524288: {"one_doc": 0.2, "docs64k": 0.4, "mean1.5k": 0.4}}
+
+
+def _layout(name: str, base_seq: int, seq: int) -> tuple[str, list[int], list[int]]:
+    """(measured layout it scales from, its document lengths at base_seq, lengths at seq)."""
+    if name == "docs64k":
+        return "one_doc", [base_seq], [65536] * (seq // 65536)
+    mean = {"one_doc": None, "mean8k": 8192, "mean2k": 2048, "mean1.5k": 1536}[name]
+    if mean is None:
+        return name, [base_seq], [seq]
+    return name, _expected_lengths(base_seq, mean), _expected_lengths(seq, mean)
 
 
 def _params(model) -> int:
@@ -143,17 +165,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with open(args.bench) as f:
         bench = json.load(f)
     net = Network()
-    # attention rates of the kernels (docs/benchmarks.md, H100, 2026-11-24): one doc (cuDNN SDPA),
-    # packed documents (cuDNN THD)
-    attn = {"one_doc": 540.0, "mean8k": 495.0, "mean2k": 449.0, "mean1.5k": 430.0}
-    mix = {"one_doc": 0.6, "mean1.5k": 0.4}
     rows = []
     for seq, layouts in LAYOUTS.items():
-        gbs = 64 if seq == 65536 else 8
+        gbs, mix = (64 if seq == 65536 else 16), MIXES[seq]
         for lay in layouts:
             world = max(args.world, lay["tp"] * lay["cp"])
-            r = predict(bench, {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix,
-                        attn_tflops=attn)
+            r = predict(bench, {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix)
             r["seq"], r["world"] = seq, world
             rows.append(r)
     if args.markdown:

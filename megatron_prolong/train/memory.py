@@ -336,6 +336,56 @@ def check_fits(
     )
 
 
+# -- calibration on measured peaks (tools/bench.py reports) ----------------------------------
+
+def bench_records(report: dict):
+    """(backend, layers, layout, measured peak GiB, model config) of every clean measurement of the
+    trainer's default kernels in a tools/bench.py report: a build that started with more than
+    1 GiB still allocated (an earlier build not yet freed), or that did not record it, is skipped."""
+    from megatron_prolong.config import ModelConfig
+
+    model = ModelConfig(**{k: v for k, v in report["model"].items() if k in ModelConfig.__dataclass_fields__})
+    for path in report["paths"].values():
+        overrides = path.get("overrides", [])
+        if path.get("kind") != "trainer" or any(not o.startswith("model.attention_backend=") for o in overrides):
+            continue
+        backend = "te" if "model.attention_backend=te" in overrides else "plugin"
+        for layers, per in path.get("layers", {}).items():
+            before = per.get("allocated_before_build_gib")
+            if before is None or before > 1.0:
+                continue
+            for layout, r in per.get("layouts", {}).items():
+                yield backend, int(layers), layout, r["peak_gib"], replace(model, num_layers=int(layers))
+
+
+def bench_estimate(model_cfg, report: dict, backend: str, factor: float | None = None) -> float:
+    """GiB the estimate gives for a tools/bench.py configuration, without the overhead allowance
+    (the measured peak is PyTorch's allocated memory: no CUDA context, no fragmentation)."""
+    from megatron_prolong.config import ParallelConfig, TrainConfig
+
+    saved = LAYER_FACTOR[backend]
+    if factor is not None:
+        LAYER_FACTOR[backend] = factor
+    try:
+        est = estimate_memory(model_cfg, TrainConfig(global_batch_size=1, micro_batch_size=1, precision="bf16"),
+                              ParallelConfig(), report["seq"], 1, 1e6, vocab_size=report["vocab"],
+                              attention_backend=backend, overhead_gib=0.0)
+    finally:
+        LAYER_FACTOR[backend] = saved
+    return est.total / GiB
+
+
+def calibrate(report: dict) -> dict[str, float]:
+    """Per backend, the LAYER_FACTOR that makes the estimate match the report's clean peaks (least
+    squares: the estimate is linear in the factor)."""
+    fits: dict[str, list[tuple[float, float]]] = {}
+    for backend, _, _, peak, model in bench_records(report):
+        at0 = bench_estimate(model, report, backend, 0.0)
+        slope = bench_estimate(model, report, backend, 1.0) - at0
+        fits.setdefault(backend, []).append((peak - at0, slope))
+    return {b: sum(y * x for y, x in v) / sum(x * x for _, x in v) for b, v in fits.items()}
+
+
 # -- the table in docs/recipe.md ---------------------------------------------------------------
 
 DOC_LAYOUTS = {
@@ -401,8 +451,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu", default=None, choices=sorted(GPU_SPECS))
     ap.add_argument("--world", type=int, default=64, help="number of GPUs")
     ap.add_argument("--backend", default="te", choices=("te", "plugin"))
+    ap.add_argument("--calibrate", metavar="BENCH_JSON", help="fit LAYER_FACTOR to a tools/bench.py report")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.calibrate:
+        import json
+
+        with open(args.calibrate) as f:
+            report = json.load(f)
+        for backend, factor in calibrate(report).items():
+            print(f"LAYER_FACTOR[{backend!r}] = {factor:.3f} (now {LAYER_FACTOR[backend]:.3f})")
+        return
     if not args.overrides:
         print(memory_table(args.gpu or "h100_80gb", args.world, args.backend))
         return

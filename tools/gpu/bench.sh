@@ -16,7 +16,7 @@ whl=${WHL:-.whl}
 if ! python3 -c "import megatron.core, hydra, streaming" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl"/*.whl || exit 1
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site:$PWD PYTHONUNBUFFERED=1 NVTE_FLASH_ATTN=0 NVTE_FUSED_ATTN=1
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv | tee "$out/gpu.txt"
 python3 tools/bench.py --out "$out/bench.json" --warmup 2 --steps 4 "$@" 2>&1 | tee "$out/bench.log" \
   | grep -vE "Warning|warnings.warn|DEPRECATED"
