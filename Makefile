@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.12 python3.13 python3 $$(pyenv root 2>/dev/nu
 	if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$p; break; fi; done)
 TEST_ARGS ?=
 
-.PHONY: venv demo test clean-venv
+.PHONY: venv nemo-env demo test clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "No Python >= 3.12 found: install python3.12 or 'pyenv install 3.12', or run make PYTHON=/path/to/python3.12" >&2; exit 1; fi
@@ -19,10 +19,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
+# NeMo 2.5 in its own environment (.venv-nemo), for the NeMo interoperability tests only.
+nemo-env:
+	bash tests/convert/nemo_env/setup.sh
+
 demo: venv
 	$(PY) -m megatron_prolong.train run.dir=outputs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: venv
+test: venv nemo-env
 	$(PY) -m pytest $(TEST_ARGS)
 
 clean-venv:

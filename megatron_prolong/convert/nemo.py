@@ -1,13 +1,15 @@
 """NeMo checkpoints <-> the trainer's Megatron distributed checkpoints.
 
-Formats (as NeMo documents and writes them; no NeMo installation is needed or used):
+Formats (as NeMo writes them; no NeMo installation is needed here, tests/convert/test_nemo.py
+checks them against NeMo 2.5 itself):
 
 - NeMo 2 checkpoint folder::
 
       weights/            Megatron distributed checkpoint; GPTModel keys prefixed ``module.``
                           (NeMo's MegatronParallel adds it), layers stacked, TE norm names
-      context/model.yaml  the model (``_target_``) and its ``config`` (a GPTConfig / Llama3Config ...)
-      context/io.json     fiddle serialisation of the same (read by NeMo's ``io.load_context``)
+      context/model.yaml  the model (``_target_``) and its ``config`` (a LlamaConfig / Llama31Config ...)
+      context/io.json     fiddle serialisation of the same (read by NeMo's ``io.load_context``;
+                          written by convert/nemo_context.py)
       context/nemo_tokenizer/   Hugging Face tokenizer files (AutoTokenizer artifact)
 
 - NeMo 1 ``.nemo`` file: a tar of ``model_config.yaml`` and the weights, either
@@ -32,14 +34,12 @@ import torch
 import yaml
 
 from megatron_prolong.config import ModelConfig
-from megatron_prolong.convert import mcore
+from megatron_prolong.convert import mcore, nemo_context
 from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, tokenizer_files, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
 
 NEMO2_PREFIX = "module."
 NEMO1_PREFIX = "model."
-LLAMA_MODEL_TARGET = "nemo.collections.llm.gpt.model.llama.LlamaModel"
-TOKENIZER_TARGET = "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer"
 
 
 # ---------------------------------------------------------------------------- model configs
@@ -114,33 +114,6 @@ def model_config_from_nemo1(cfg: dict, where: str) -> tuple[ModelConfig, int | N
     seq = cfg.get("encoder_seq_length") or cfg.get("max_position_embeddings") or 4096
     vocab = cfg.get("vocab_size")
     return model, int(vocab) if vocab else None, int(seq)
-
-
-def nemo2_model_yaml(model: ModelConfig, vocab_size: int, seq_length: int, dtype: torch.dtype) -> dict:
-    llama31 = model.rope_scaling == "llama3"
-    config = {
-        "_target_": f"nemo.collections.llm.gpt.model.llama.{'Llama31Config' if llama31 else 'Llama3Config'}",
-        "num_layers": model.num_layers, "hidden_size": model.hidden_size, "ffn_hidden_size": model.ffn_hidden_size,
-        "num_attention_heads": model.num_attention_heads, "num_query_groups": model.num_query_groups,
-        "kv_channels": model.hidden_size // model.num_attention_heads, "seq_length": seq_length,
-        "vocab_size": vocab_size, "make_vocab_size_divisible_by": model.make_vocab_size_divisible_by,
-        "normalization": "RMSNorm", "layernorm_epsilon": model.norm_epsilon,
-        "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
-        "gated_linear_unit": True, "position_embedding_type": "rope", "rotary_base": model.rope_base,
-        "rotary_percent": 1.0, "seq_len_interpolation_factor": model.rope_interpolation_factor,
-        "add_bias_linear": False, "add_qkv_bias": False,
-        "share_embeddings_and_output_weights": not model.untie_embeddings,
-        "init_method_std": model.init_method_std, "hidden_dropout": 0.0, "attention_dropout": 0.0,
-        "bf16": dtype == torch.bfloat16, "params_dtype": {"_target_": str(dtype), "_call_": False},
-    }
-    if llama31:
-        config.update(scale_factor=model.rope_scaling_factor, low_freq_factor=1.0, high_freq_factor=4.0,
-                      old_context_len=8192)
-    return {
-        "_target_": LLAMA_MODEL_TARGET,
-        "config": config,
-        "tokenizer": {"_target_": TOKENIZER_TARGET, "pretrained_model_name": "nemo_tokenizer"},
-    }
 
 
 # ---------------------------------------------------------------------------- readers
@@ -245,6 +218,15 @@ def _nemo2_tokenizer_dir(src: Path) -> Path | None:
     return None
 
 
+def _add_legacy_common(weights: Path) -> None:
+    """The separate common.pt that Megatron-Core up to 0.14 (NeMo 2.5) needs; 0.19 keeps it inside the DCP files."""
+    torch.save({"content_metadata": None}, weights / "common.pt")
+    meta_file = weights / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta.update(common_backend="torch", common_backend_version=1)
+    meta_file.write_text(json.dumps(meta))
+
+
 def mcore_to_nemo2(src: str | Path, out: str | Path, *, dtype: str | None = None, overwrite: bool = False) -> Path:
     ckpt, meta = mcore.read_checkpoint(src)
     model = mcore.model_config_from_meta(meta)
@@ -259,12 +241,15 @@ def mcore_to_nemo2(src: str | Path, out: str | Path, *, dtype: str | None = None
                          model, vocab, "filling")
         mcore.save_model(gpt, tmp / "weights", prefix=NEMO2_PREFIX)
         del gpt
+        _add_legacy_common(tmp / "weights")
         ctx = tmp / "context"
         ctx.mkdir()
-        (ctx / "model.yaml").write_text(yaml.safe_dump(nemo2_model_yaml(model, vocab, seq, tdtype), sort_keys=False))
-        copy_tokenizer(mcore.checkpoint_tokenizer(ckpt, meta), ctx / "nemo_tokenizer")
+        context = nemo_context.trainer_context(nemo_context.llama_config(model, vocab, seq, tdtype))
+        (ctx / "io.json").write_text(json.dumps(nemo_context.io_json(context), indent=2))
+        (ctx / "model.yaml").write_text(yaml.safe_dump(nemo_context.model_yaml(context), sort_keys=False))
+        copy_tokenizer(mcore.checkpoint_tokenizer(ckpt, meta), ctx / nemo_context.TOKENIZER_DIR)
         (ctx / "prolong_source.json").write_text(json.dumps({"converted_from": str(ckpt)}, indent=2))
-    info(f"wrote {out} (NeMo 2 layout: weights/ + context/model.yaml; no fiddle io.json, see docs/conversion.md)")
+    info(f"wrote {out} (NeMo 2: weights/ + context/io.json, model.yaml, {nemo_context.TOKENIZER_DIR}/)")
     return out
 
 
