@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -103,37 +103,27 @@ def unique_ids(ids: list[int | None]) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def read_tokenizer_files(folder: str | Path) -> dict[str, str | dict[str, str]]:
-    """The tokenizer files of ``folder`` by name: text as is, binary files as ``{"base64": ...}``."""
-    out: dict[str, str | dict[str, str]] = {}
-    for name in TOKENIZER_FILES:
-        f = Path(folder) / name
-        if f.is_file():
-            data = f.read_bytes()
-            try:
-                out[name] = data.decode("utf-8")
-            except UnicodeDecodeError:
-                out[name] = {"base64": base64.b64encode(data).decode("ascii")}
-    return out
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    """The files of a Hugging Face tokenizer folder that exist (none if it is not a folder)."""
+    folder = Path(folder)
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()] if folder.is_dir() else []
 
 
-def write_tokenizer_files(files: dict[str, str | dict[str, str]], dst: Path) -> list[str]:
-    """Write what :func:`read_tokenizer_files` returned into ``dst``; the names written."""
+def save_tokenizer_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy ``src``'s tokenizer files into ``dst``, with its ``generation_config.json``: the ends of
+    generation :class:`HFTokenizer` reads from there. Returns the names copied."""
+    files = tokenizer_files(src)
+    gen = Path(src) / "generation_config.json"
     dst.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        if name not in TOKENIZER_FILES:  # names come from a checkpoint: no paths
-            raise ValueError(f"unexpected tokenizer file name {name!r} in checkpoint metadata")
-        raw = base64.b64decode(data["base64"]) if isinstance(data, dict) else data.encode("utf-8")
-        (dst / name).write_bytes(raw)
-    return sorted(files)
+    for f in files + ([gen] if gen.is_file() else []):
+        shutil.copy2(f, dst / f.name)
+    return sorted(f.name for f in files)
 
 
-def checkpoint_record(cfg: TokenizerConfig) -> dict:
-    """What every checkpoint keeps of its tokenizer: the config, the ids generation needs (an
-    export's ``config.json`` / ``generation_config.json``) and, for a Hugging Face tokenizer, its
-    files, so that the checkpoint exports a working tokenizer even after the folder moved."""
-    tok = build_tokenizer(cfg)
-    return {
-        **asdict(cfg), "bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids), "pad_token_id": tok.pad_id,
-        "files": read_tokenizer_files(cfg.path) if cfg.kind == "hf" else {},
-    }
+def checkpoint_record(cfg: TokenizerConfig, tok: Tokenizer | None = None) -> dict:
+    """What every checkpoint's metadata keeps of its tokenizer: the config and the ids generation
+    needs (an export's ``config.json`` / ``generation_config.json``). A Hugging Face tokenizer's
+    files are kept beside it, in the checkpoint's ``tokenizer/`` folder (see :func:`save_tokenizer_files`).
+    ``tok``: the tokenizer built from ``cfg``, if the caller has it already."""
+    tok = tok if tok is not None else build_tokenizer(cfg)
+    return {**asdict(cfg), "bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids), "pad_token_id": tok.pad_id}

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_prolong.convert.mapping import ConversionError
-from megatron_prolong.tokenizer import TOKENIZER_FILES
+from megatron_prolong.tokenizer import tokenizer_files
 
 
 @contextlib.contextmanager
@@ -36,13 +36,6 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-def tokenizer_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
 
 
 def copy_tokenizer(src: str | Path | None, dst: Path) -> bool:

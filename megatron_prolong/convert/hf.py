@@ -18,9 +18,7 @@ import torch
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, progress, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, entries, expand, expected_shape, fmt
-from megatron_prolong.tokenizer import (
-    TokenizerConfig, as_id_list, checkpoint_record, unique_ids, write_tokenizer_files,
-)
+from megatron_prolong.tokenizer import TokenizerConfig, as_id_list, checkpoint_record, unique_ids
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # What Megatron's RotaryEmbedding hard-codes for Llama-3.1 scaling.
@@ -436,8 +434,8 @@ def mcore_to_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, s
         else:
             warn("the checkpoint records no end-of-sequence id: generate() will run to max_new_tokens; "
                  "pass --tokenizer DIR (a Hugging Face tokenizer folder) to set one")
-        if record.get("files"):
-            write_tokenizer_files(record["files"], tmp)
+        if tokenizer:
+            copy_tokenizer(tokenizer, tmp)
         elif record.get("kind") == "byte":
             warn("the byte tokenizer has no Hugging Face files: ids 0-255 are bytes, BOS 256, EOS 257")
         else:

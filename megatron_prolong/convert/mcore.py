@@ -20,9 +20,9 @@ import torch
 
 from megatron_prolong import safe_checkpoint
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-from megatron_prolong.convert.common import progress, tokenizer_files, warn
+from megatron_prolong.convert.common import progress, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
-from megatron_prolong.tokenizer import TokenizerConfig, checkpoint_record, read_tokenizer_files
+from megatron_prolong.tokenizer import TokenizerConfig, checkpoint_record, tokenizer_files
 
 META = "prolong_meta.json"
 FORMAT = "megatron-prolong/1"
@@ -233,15 +233,13 @@ def write_meta(out: Path, model: ModelConfig, vocab_size: int, seq_length: int, 
 
 
 def folder_record(folder: Path | None, recorded_path: str | None, token_ids: dict | None = None) -> dict:
-    """The tokenizer record of a Hugging Face tokenizer folder (ids and files), saying ``recorded_path``."""
-    record = {"kind": "hf", "path": recorded_path, "bos_token_id": None, "eos_token_id": [], "pad_token_id": None,
-              "files": {}}
+    """The tokenizer record (its ids) of a Hugging Face tokenizer folder, saying ``recorded_path``."""
+    record = {"kind": "hf", "path": recorded_path, "bos_token_id": None, "eos_token_id": [], "pad_token_id": None}
     if folder is not None and tokenizer_files(folder):
         try:
             record.update(checkpoint_record(TokenizerConfig(kind="hf", path=str(folder))), path=recorded_path)
         except Exception as err:  # files a converter can copy but transformers cannot load
             warn(f"the tokenizer in {folder} does not load ({err}); its special ids are not recorded")
-            record["files"] = read_tokenizer_files(folder)
     record.update({k: v for k, v in (token_ids or {}).items() if v not in (None, [])})
     return record
 
@@ -266,13 +264,13 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
 
 
 def checkpoint_tokenizer(ckpt: Path, meta: dict) -> Path | None:
-    """The tokenizer folder a checkpoint points at, or its own ``tokenizer/`` copy if that moved."""
+    """The checkpoint's own ``tokenizer/`` copy (what it was trained or converted with), else the
+    folder its metadata points at (checkpoints written without a copy)."""
     tok = (meta.get("tokenizer") or {})
-    candidates = []
+    candidates = [ckpt / "tokenizer"]
     if tok.get("kind") == "hf" and tok.get("path"):
         p = Path(tok["path"])
         candidates.append(p if p.is_absolute() else ckpt / p)
-    candidates.append(ckpt / "tokenizer")
     for c in candidates:
         if c.is_dir():
             return c

@@ -17,7 +17,7 @@ from megatron_prolong.config import ParallelConfig, TrainConfig
 from megatron_prolong.convert import mcore
 from megatron_prolong.eval.rows import EvalInputError, boundaries
 from megatron_prolong.model.packed import DocumentPackedSeqParams, rope_positions
-from megatron_prolong.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from megatron_prolong.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, as_id_list, unique_ids
 
 
 def eval_device() -> torch.device:
@@ -59,7 +59,7 @@ def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
     if folder is None:
         raise EvalInputError(
             f"{ckpt}: its tokenizer ({meta['tokenizer'].get('path')}) is not there and the checkpoint has no "
-            "tokenizer/ copy; copy the Hugging Face tokenizer folder to {ckpt}/tokenizer")
+            f"tokenizer/ copy; copy the Hugging Face tokenizer folder to {ckpt}/tokenizer")
     return HFTokenizer(str(folder))
 
 
@@ -71,18 +71,14 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def eos_ids(checkpoint: str | Path, tokenizer: Tokenizer) -> list[int]:
-    """The tokenizer's EOS id plus those of ``generation_config.json`` (checkpoint or tokenizer folder),
-    e.g. Llama-3-Instruct's <|end_of_text|> and <|eot_id|>."""
+    """Every id that ends generation: the tokenizer's (its EOS and its folder's generation_config.json),
+    the checkpoint's record and its own generation_config.json (e.g. Llama-3-Instruct's
+    <|end_of_text|> and <|eot_id|>)."""
     ckpt, meta = mcore.read_checkpoint(checkpoint)
-    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    folders = [ckpt, mcore.checkpoint_tokenizer(ckpt, meta)]
-    for folder in folders:
-        if folder is not None and (Path(folder) / "generation_config.json").is_file():
-            value = json.loads((Path(folder) / "generation_config.json").read_text()).get("eos_token_id")
-            for i in value if isinstance(value, list) else [value] if value is not None else []:
-                if int(i) not in ids:
-                    ids.append(int(i))
-    return ids
+    gen = ckpt / "generation_config.json"
+    saved = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    recorded = (meta.get("tokenizer") or {}).get("eos_token_id")
+    return unique_ids([*tokenizer.eos_ids, *as_id_list(recorded), *as_id_list(saved)])
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Layout under ``<run.dir>/checkpoints``::
 
     iter_0000020/                 Megatron dist checkpoint (model, optimizer, scheduler, step)
-        prolong_meta.json         model config, RoPE base, sequence length, tokenizer, saving layout
+        prolong_meta.json         model config, RoPE base, sequence length, tokenizer ids, saving layout
+        tokenizer/                a Hugging Face tokenizer's files (exports and eval read them)
         train_state.pt            the run's global state: data stream, counters (written once)
         rng/tp0_pp0_cp0_dp0.pt    RNG state of each parallel coordinate
     latest_checkpointed_iteration.txt
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_prolong import safe_checkpoint
+from megatron_prolong.tokenizer import save_tokenizer_files
 from megatron_prolong.train import mcore_fixes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -142,9 +144,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(
     root: Path, step: int, model, optimizer, scheduler, *, train_state: dict, rng: tuple[str, dict],
-    meta: dict, keep_last: int | None = None, keep_every: int | None = None,
+    meta: dict, tokenizer_dir: Path | None = None, keep_last: int | None = None, keep_every: int | None = None,
 ) -> Path:
-    """``train_state``: global (rank 0 writes it); ``rng``: (this rank's coordinate name, its state)."""
+    """``train_state``: global (rank 0 writes it); ``rng``: (this rank's coordinate name, its state);
+    ``tokenizer_dir``: a Hugging Face tokenizer folder, copied into the checkpoint by rank 0."""
     rank = dist.get_rank()
     final = iter_dir(root, step)
     tmp = root / f".{final.name}.tmp"
@@ -163,6 +166,8 @@ def save_checkpoint(
     if rank == 0:
         torch.save(train_state, tmp / TRAIN_STATE)
         (tmp / META).write_text(json.dumps(dict(meta, step=step), indent=2))
+        if tokenizer_dir is not None:
+            save_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

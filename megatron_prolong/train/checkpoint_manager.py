@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from megatron.core import tensor_parallel
 
 from megatron_prolong.config import ProLongConfig
 from megatron_prolong.parallel.distributed import Topology
+from megatron_prolong.tokenizer import Tokenizer, checkpoint_record
 from megatron_prolong.train import checkpoint as ckpt
 from megatron_prolong.train import mcore_fixes
 from megatron_prolong.train.memory import rank_params
@@ -106,9 +107,14 @@ def estimate_disk(cfg: ProLongConfig, vocab_size: int) -> DiskEstimate:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: ProLongConfig, topo: Topology, vocab_size: int, log: Callable[[str], None]) -> None:
+    def __init__(self, cfg: ProLongConfig, topo: Topology, vocab_size: int, tokenizer: Tokenizer,
+                 log: Callable[[str], None]) -> None:
         self.cfg, self.topo, self.vocab_size, self.log = cfg, topo, vocab_size, log
         self.root = Path(cfg.run.dir) / "checkpoints"
+        self.meta = {"model": asdict(cfg.model), "vocab_size": vocab_size, "seq_length": cfg.data.seq_length,
+                     "tokenizer": checkpoint_record(cfg.tokenizer, tokenizer), "format": "megatron-prolong/1",
+                     "layout": self._layout()}
+        self.tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.kind == "hf" else None
         note = mcore_fixes.apply()
         if note:
             log(note)
@@ -183,12 +189,12 @@ class CheckpointManager:
         return state
 
     # -- save and retention --------------------------------------------------------------------
-    def save(self, step: int, model, optimizer, scheduler, *, train_state: dict, meta: dict) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, *, train_state: dict) -> Path:
         c = self.cfg.checkpoint
         return ckpt.save_checkpoint(
             self.root, step, model, optimizer, scheduler, train_state=train_state,
-            rng=(self._coordinate(self.topo.dp_rank), self._rng_state()),
-            meta=dict(meta, layout=self._layout()), keep_last=c.keep_last, keep_every=c.keep_every,
+            rng=(self._coordinate(self.topo.dp_rank), self._rng_state()), meta=self.meta,
+            tokenizer_dir=self.tokenizer_dir, keep_last=c.keep_last, keep_every=c.keep_every,
         )
 
     def size_report(self) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from functools import partial
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from megatron_prolong.eval.in_training import TrainingEval
 from megatron_prolong.model.loss import BlockwiseLoss
 from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
 from megatron_prolong.parallel.distributed import Topology
-from megatron_prolong.tokenizer import build_tokenizer, checkpoint_record
+from megatron_prolong.tokenizer import build_tokenizer
 from megatron_prolong.train.checkpoint_manager import CheckpointManager
 from megatron_prolong.train.flops import gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.metrics import MetricsWriter
@@ -34,13 +33,6 @@ from megatron_prolong.train.step import LossStats, forward_step, prepare_micro_b
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _meta(cfg: ProLongConfig, vocab_size: int) -> dict:
-    return {
-        "model": asdict(cfg.model), "vocab_size": vocab_size, "seq_length": cfg.data.seq_length,
-        "tokenizer": checkpoint_record(cfg.tokenizer), "format": "megatron-prolong/1",
-    }
 
 
 class Preempted(Exception):
@@ -69,7 +61,7 @@ class Trainer:
         self.backend = resolve_attention_backend(cfg.model)
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train, cfg.kernels)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, self._log)
+        self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, tokenizer, self._log)
         init = not self.checkpoints.will_load()
         model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed, init=init)
         self._log(f"random initialisation: drawn from seed {t.seed}" if init else
@@ -112,8 +104,7 @@ class Trainer:
 
     def save(self) -> None:
         with signals_deferred():
-            self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler,
-                                  train_state=self.train_state(), meta=_meta(self.cfg, self.vocab_size))
+            self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, train_state=self.train_state())
 
     # -- training ------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:

@@ -23,12 +23,24 @@ def _json_value(value: Any) -> Any:
 
 
 def cut_after(path: Path, step: int) -> None:
-    """Drop records after ``step``: a run resumed there re-runs (and re-logs) the later steps."""
+    """Drop records after ``step``: a run resumed there re-runs (and re-logs) the later steps. A torn
+    last line (the job was killed while writing it) is dropped too."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
+    kept = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if k == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}: line {k + 1} is not JSON ({err}); fix or remove that line to resume") from err
+        if record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)

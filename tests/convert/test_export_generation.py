@@ -18,7 +18,7 @@ from convert_helpers import make_hf_llama
 
 from megatron_prolong.convert.hf import hf_to_mcore, mcore_to_hf
 from megatron_prolong.convert.mcore import read_checkpoint
-from megatron_prolong.tokenizer import HFTokenizer, read_tokenizer_files
+from megatron_prolong.tokenizer import HFTokenizer, tokenizer_files
 
 SMALL = ("model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
          "model.num_attention_heads=4", "model.num_query_groups=2", "model.untie_embeddings=true",
@@ -72,14 +72,20 @@ def test_trainer_checkpoint_exports_its_tokenizer_and_generate_stops_at_eos(tmp_
     else:
         tok_dir = llama3_tokenizer(tmp_path / "tok")
         overrides, bos, eos, pad = ("tokenizer.kind=hf", f"tokenizer.path={tok_dir}"), 128000, 128001, 128004
-        wheel_files = read_tokenizer_files(tok_dir)
+        wheel_files = {f.name: f.read_bytes() for f in tokenizer_files(tok_dir)}
     run = run_training(*SMALL, *overrides)
     ckpt, meta = read_checkpoint(run.dir)
     rec = meta["tokenizer"]
     assert (rec["bos_token_id"], rec["eos_token_id"], rec["pad_token_id"]) == (bos, [eos], pad)
+    # The metadata stays small (ids only); a Hugging Face tokenizer's files are files in the checkpoint.
+    assert set(rec) == {"kind", "path", "bos_token_id", "eos_token_id", "pad_token_id"}
+    assert (ckpt / "prolong_meta.json").stat().st_size < 10_000
     if kind == "llama3":
-        assert rec["files"] == wheel_files and set(wheel_files) >= {"tokenizer.json", "tokenizer_config.json"}
+        copied = {f.name: f.read_bytes() for f in tokenizer_files(ckpt / "tokenizer")}
+        assert copied == wheel_files and set(wheel_files) >= {"tokenizer.json", "tokenizer_config.json"}
         shutil.rmtree(tok_dir)  # the export must not need the original folder
+    else:
+        assert not (ckpt / "tokenizer").exists()
 
     mcore_to_hf(run.dir, tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -60,7 +60,8 @@ def test_overrides_reach_config_json(tmp_path):
     assert meta["has_optimizer"] is False
     tok = meta["tokenizer"]
     assert (tok["kind"], tok["path"]) == ("hf", str(tmp_path / "mc" / "tokenizer"))
-    assert (tok["bos_token_id"], tok["eos_token_id"]) == (1, [2]) and "tokenizer.json" in tok["files"]
+    assert (tok["bos_token_id"], tok["eos_token_id"]) == (1, [2]) and "files" not in tok
+    assert (tmp_path / "mc" / "tokenizer" / "tokenizer.json").is_file()
     from megatron_prolong.tokenizer import HFTokenizer
 
     assert HFTokenizer(meta["tokenizer"]["path"]).vocab_size == VOCAB

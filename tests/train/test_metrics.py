@@ -59,3 +59,18 @@ def test_resume_cuts_metrics_and_tensorboard_back_to_the_resumed_step(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0),
                                                                   (5, 15.0), (6, 16.0)]
+
+
+def test_resume_after_a_kill_mid_write_drops_the_torn_line(tmp_path):
+    """A job killed while writing leaves half a line; the resume must start, and the file stay JSON."""
+    first = MetricsWriter(tmp_path, total_steps=4, tensorboard=False)
+    for step in (1, 2, 3):
+        first.write(step, _record(float(step)))
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 4.')
+    resumed = MetricsWriter(tmp_path, total_steps=4, tensorboard=False, start_step=3)
+    resumed.write(4, _record(14.0))
+    resumed.close()
+    rows = [_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0)]
