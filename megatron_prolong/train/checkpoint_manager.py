@@ -189,6 +189,11 @@ class CheckpointManager:
         return state
 
     # -- save and retention --------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """A periodic save (every ``checkpoint.save_interval`` steps) or the last step."""
+        interval = self.cfg.checkpoint.save_interval
+        return step == self.cfg.train.steps or bool(interval and step % interval == 0)
+
     def save(self, step: int, model, optimizer, scheduler, *, train_state: dict) -> Path:
         c = self.cfg.checkpoint
         return ckpt.save_checkpoint(

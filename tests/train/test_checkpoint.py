@@ -60,18 +60,18 @@ def test_keep_last_and_every(tmp_path):
 
 
 def test_stage_transition_keeps_optimizer_and_restarts_schedule(uninterrupted, tmp_path):
-    stage1 = uninterrupted.dir
-    stage2 = train(tmp_path / "stage2", *SMALL, "train.steps=3", "model.rope_base=8e6",
+    stage1 = uninterrupted.dir  # peak lr 3e-3; stage 2 another one, as ProLong's scripts may use
+    stage2 = train(tmp_path / "stage2", *SMALL, "train.steps=3", "model.rope_base=8e6", "train.lr=2e-3",
                    f"checkpoint.load={stage1}", "checkpoint.load_optimizer=true", "checkpoint.save_interval=0",
                    nproc=2)
     assert "model and optimizer" in stage2.output and "rope_base changes from 500000.0" in stage2.output
-    fresh_opt = train(tmp_path / "model_only", *SMALL, "train.steps=3", "model.rope_base=8e6",
+    fresh_opt = train(tmp_path / "model_only", *SMALL, "train.steps=3", "model.rope_base=8e6", "train.lr=2e-3",
                       f"checkpoint.load={stage1}", "checkpoint.load_optimizer=false", "checkpoint.save_interval=0",
                       nproc=2)
     assert "model only" in fresh_opt.output
     m2, m1 = stage2.metrics, fresh_opt.metrics
     # Schedule restarted: back at the peak, not at stage 1's floor (and not the loaded groups' lr).
-    assert m2[0]["lr"] == m1[0]["lr"] > 5 * uninterrupted.metrics[-1]["lr"]
+    assert m2[0]["lr"] == m1[0]["lr"] == 2e-3 > 5 * uninterrupted.metrics[-1]["lr"]
     # Same weights at step 1 (same loss); kept Adam moments make the first update differ.
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-9)
     assert m2[1]["loss"] != pytest.approx(m1[1]["loss"], rel=1e-6)
