@@ -74,6 +74,9 @@ class ParallelConfig:
     cp_comm_type: str = "all_gather"  # TE backend: p2p | all_gather | a2a | a2a+p2p
     hierarchical_cp_sizes: list[int] | None = None
     overlap_grad_reduce: bool = False  # reduce DP gradients bucket by bucket during backward
+    # A collective waiting this long on a dead or hung peer fails and the rank exits; also the most a
+    # caught SIGTERM waits for the next step boundary (megatron_prolong/parallel/lifetime.py).
+    timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -172,7 +175,7 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
         ("train.micro_batch_size", t.micro_batch_size), ("train.lr", t.lr),
         ("data.seq_length", d.seq_length), ("model.rope_base", m.rope_base),
         ("model.num_layers", m.num_layers), ("model.num_attention_heads", m.num_attention_heads),
-        ("model.num_query_groups", m.num_query_groups),
+        ("model.num_query_groups", m.num_query_groups), ("parallel.timeout_minutes", p.timeout_minutes),
     ]:
         _positive(key, value)
     _choice("model.rope_positions", m.rope_positions, ("continuous", "per_document"))

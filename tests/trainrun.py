@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +86,13 @@ def _env() -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the test process dies (Linux prctl PR_SET_PDEATHSIG), so a
+    killed pytest leaves no torchrun behind (torchrun's workers then follow their launcher)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
     """``python -m megatron_prolong.train`` (under torchrun when nproc > 1) for this run dir."""
     if nproc > 1:
@@ -97,13 +106,14 @@ def command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
 def start(run_dir: Path, *overrides: str, nproc: int = 1, **popen) -> subprocess.Popen:
     """Start a run in the background, as its own process group (so a test can signal all of it)."""
     return subprocess.Popen(command(run_dir, *overrides, nproc=nproc), cwd=REPO, env=_env(),
-                            start_new_session=True, **popen)
+                            start_new_session=True, preexec_fn=die_with_parent, **popen)
 
 
 def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 900) -> TrainingRun:
     """Run the trainer to completion and collect its output."""
     cmd = command(run_dir, *overrides, nproc=nproc)
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=die_with_parent)
     run = TrainingRun(run_dir, proc)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{run.output[-6000:]}")
@@ -120,3 +130,24 @@ def assert_losses_close(a: list[float], b: list[float], rel: float = 1e-4) -> No
     assert len(a) == len(b) and a, (a, b)
     for step, (x, y) in enumerate(zip(a, b), start=1):
         assert abs(x - y) <= rel * abs(y), f"step {step}: {x} vs {y} (rel diff {abs(x - y) / abs(y):.2e})"
+
+
+def checkpoint_tensors(run_dir: Path) -> dict[str, "torch.Tensor"]:
+    """Every tensor of a run's latest checkpoint (weights and Adam moments) at its global shape,
+    whatever layout wrote it: the conversion code's reader of Megatron's distributed checkpoints."""
+    from megatron_prolong.convert.mcore import DistCheckpointReader, megatron_session
+    from megatron_prolong.train.checkpoint import resolve_checkpoint
+
+    with megatron_session():
+        reader = DistCheckpointReader(resolve_checkpoint(run_dir), prefix="")
+        return {key: reader.load(key) for key in reader.metadata}
+
+
+def assert_tensors_close(a: dict, b: dict, rel: float = 1e-4) -> None:
+    """Same keys; each tensor within ``rel`` of the other in relative norm of the difference."""
+    assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
+    for key in sorted(b):
+        x, y = a[key].double(), b[key].double()
+        assert x.shape == y.shape, (key, x.shape, y.shape)
+        err = (x - y).norm().item() / max(y.norm().item(), 1e-30)
+        assert err <= rel, f"{key}: relative difference {err:.2e} > {rel:.0e}"

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_prolong.config import ParallelConfig
+from megatron_prolong.parallel.lifetime import launched_by_launcher, watch_launcher
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,15 @@ def world_size_from_env() -> int:
 
 
 def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
-    """Start the default process group (torchrun env, or a single local process) and Megatron's groups."""
+    """Start the default process group (torchrun env, or a single local process) and Megatron's groups.
+
+    Every collective, the rendezvous included, gives up after ``parallel.timeout_minutes``: a rank
+    whose peers are gone (or hung) exits with an error instead of waiting."""
     rank = int(_env("RANK", "SLURM_PROCID", "0"))
     world_size = world_size_from_env()
+    timeout = timedelta(minutes=parallel.timeout_minutes)
+    if launched_by_launcher(world_size):
+        watch_launcher()
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(_env("LOCAL_RANK", "SLURM_LOCALID", "0")))
@@ -55,13 +62,14 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
         store = dist.HashStore() if world_size == 1 else None
         dist.init_process_group(
             "nccl" if torch.cuda.is_available() else "gloo",
-            rank=rank, world_size=world_size, timeout=timedelta(minutes=30), store=store,
+            rank=rank, world_size=world_size, timeout=timeout, store=store,
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp,
         hierarchical_context_parallel_sizes=parallel.hierarchical_cp_sizes,
+        distributed_timeout_minutes=parallel.timeout_minutes,  # Megatron passes it to timedelta: floats work
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Topology(

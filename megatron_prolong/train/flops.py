@@ -19,6 +19,7 @@ config key ``train.gpu`` names one of them.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -139,3 +140,41 @@ def mfu(flops: float, seconds: float, num_gpus: int, peak_tflops: float) -> floa
     if peak_tflops <= 0:
         raise ValueError("peak_tflops must be > 0")
     return model_tflops_per_gpu(flops, seconds, num_gpus) / peak_tflops
+
+
+class PeakAlarm:
+    """Warn once, loudly, when a step's model TFLOP/s per GPU exceeds the GPU's dense bf16 peak.
+
+    No GPU can beat its peak, so such a step means the FLOP count is not what ran: most often a
+    context-parallel layout that is silently not in effect (each rank attends only within its own
+    chunk, a fraction of the counted attention work, which dominates at long context), else a
+    model config that is not the model, or ``train.gpu`` naming a slower GPU than the one in use.
+    """
+
+    def __init__(self, gpu: str, layout: str, enabled: bool = True) -> None:
+        self.gpu, self.layout, self.enabled = gpu, layout, enabled
+        self.spec = gpu_spec(gpu)
+        self.fired = False
+
+    def message(self, step: int, flops: float, seconds: float, num_gpus: int) -> str | None:
+        """The warning for this step, or None when its rate is physically possible."""
+        tflops = model_tflops_per_gpu(flops, seconds, num_gpus)
+        peak = self.spec.bf16_tflops
+        if tflops <= peak:
+            return None
+        return (
+            f"WARNING: step {step} ran at {tflops:.4g} model TFLOP/s per GPU, {tflops / peak:.3g}x the peak of "
+            f"{peak:.4g} TFLOP/s of train.gpu={self.gpu} ({self.spec.name}, dense bf16): {flops:.3e} FLOPs "
+            f"in {seconds:.3f} s on {num_gpus} GPU(s), layout {self.layout}. The FLOP count or the layout is "
+            "wrong: check that context parallelism is in effect (a silently disabled CP computes a "
+            "fraction of the counted attention), that the model config is the model, and that "
+            "train.gpu names this GPU. Warned once; MFU above 100% is not real."
+        )
+
+    def check(self, step: int, flops: float, seconds: float, num_gpus: int) -> bool:
+        """Print the warning to stderr the first time a step exceeds the peak; True if this step does."""
+        text = self.message(step, flops, seconds, num_gpus) if seconds > 0 else None
+        if text and self.enabled and not self.fired:
+            print(f"[megatron-prolong] {text}", file=sys.stderr, flush=True)
+            self.fired = True
+        return text is not None

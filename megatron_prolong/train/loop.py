@@ -24,7 +24,7 @@ from megatron_prolong.model.builder import build_model, build_transformer_config
 from megatron_prolong.parallel.distributed import Topology
 from megatron_prolong.tokenizer import build_tokenizer
 from megatron_prolong.train.checkpoint_manager import CheckpointManager
-from megatron_prolong.train.flops import gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
+from megatron_prolong.train.flops import PeakAlarm, gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
 from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, signals_deferred
@@ -83,6 +83,8 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
         self.domains = DomainTracker(self.loader.domain_names)
         self.peak_tflops = gpu_spec(cfg.train.gpu).bf16_tflops
+        p = cfg.parallel
+        self.peak_alarm = PeakAlarm(cfg.train.gpu, f"tp={p.tp} pp={p.pp} cp={p.cp} dp={topo.dp_size}", topo.is_logger)
         self.skipped_in_row = 0
         self._log(self.checkpoints.size_report())
         self.step, train_state = self.checkpoints.restore(self.model, self.optimizer, self.scheduler)
@@ -149,6 +151,7 @@ class Trainer:
         step_tokens = cfg.train.global_batch_size * cfg.data.seq_length
         self.tokens_seen += step_tokens
         elapsed = time.monotonic() - start
+        self.peak_alarm.check(self.step, step_flops, elapsed, topo.world_size)
         return {
             "loss": loss,
             "lr": lr,
@@ -216,7 +219,7 @@ class Trainer:
             return
         evaluate = TrainingEval(self)  # eval.every: builds its samples now, so bad settings fail before step 1
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard, self.step) if self.topo.is_logger else None
-        preemption = PreemptionHandler()
+        preemption = PreemptionHandler(deadline_s=cfg.parallel.timeout_minutes * 60)
         self._log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
                   f"attention backend {self.backend}, "
                   f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={self.topo.dp_size}")

@@ -1,5 +1,10 @@
 """Preemption: SIGTERM or SIGUSR1 asks the run to checkpoint at the next step boundary and exit.
 
+SIGTERM is bounded: a second one, or ``deadline_s`` without reaching the exit, ends the process
+at once (``parallel.lifetime.SigtermDeadline``); a rank blocked on a hung peer never reaches a step
+boundary, and SIGTERM must not be ignored. SIGUSR1 (the Slurm scripts' "checkpoint, then
+requeue", repeated until the step ends) waits for the step boundary however long it takes.
+
 The exit code ``REQUEUE_EXIT_CODE`` (75, EX_TEMPFAIL: "try again") tells the Slurm scripts to
 requeue the job; the requeued job resumes from the checkpoint by itself.
 """
@@ -13,14 +18,17 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_prolong.parallel.lifetime import SigtermDeadline
+
 REQUEUE_EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionHandler:
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float) -> None:
         self._requested = False
         self._signal: int | None = None
+        self._deadline = SigtermDeadline(deadline_s)
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
@@ -40,6 +48,7 @@ class PreemptionHandler:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._deadline.close()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import torch
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.train.flops import (
     GPU_SPECS,
+    PeakAlarm,
     attention_flops,
     document_lengths,
     gpu_spec,
@@ -91,3 +92,53 @@ def test_mfu():
     assert mfu(per_token * 3095, 1.0, 1, 989.0) == pytest.approx(0.30, abs=0.01)
     with pytest.raises(ValueError):
         mfu(1.0, 0.0, 1, 989.0)
+
+
+def test_peak_alarm_fires_above_peak_only_and_once(capsys):
+    alarm = PeakAlarm("h100_80gb", "tp=1 pp=1 cp=8 dp=1")
+    # 989 TFLOP/s on 8 GPUs for 1 s: exactly the peak, possible.
+    assert alarm.message(1, 989e12 * 8, 1.0, 8) is None
+    assert not alarm.check(1, 989e12 * 8, 1.0, 8)
+    # An 8B step at 512K counted with full attention, run in 1/8 of the time a real CP takes.
+    flops = model_flops_per_step(LLAMA3_8B, V, [524288] * 8)
+    text = alarm.message(7, flops, 20.0, 64)
+    tflops = model_tflops_per_gpu(flops, 20.0, 64)
+    assert tflops > 989
+    assert f"step 7 ran at {tflops:.4g} model TFLOP/s per GPU" in text
+    assert "peak of 989 TFLOP/s of train.gpu=h100_80gb" in text and f"{flops:.3e} FLOPs in 20.000 s on 64 GPU(s)" in text
+    assert "layout tp=1 pp=1 cp=8 dp=1" in text and "context parallelism" in text
+    assert alarm.check(7, flops, 20.0, 64) and alarm.check(8, flops, 20.0, 64)
+    err = capsys.readouterr().err
+    assert err.count("WARNING: step") == 1 and "step 7 ran at" in err  # once, for the first such step
+    quiet = PeakAlarm("h100_80gb", "tp=1", enabled=False)  # ranks other than the logger
+    assert quiet.check(7, flops, 20.0, 64) and capsys.readouterr().err == ""
+
+
+def test_peak_alarm_in_a_real_run(tmp_path):
+    """The trainer warns once, with the step's numbers, on a GPU type whose peak the CPU run exceeds
+    (a spec with a 1 MFLOP/s peak, added to the table by the wrapper: no real GPU is that slow)."""
+    import subprocess
+    import sys
+
+    from trainrun import REPO, _env, read_metrics
+
+    wrapper = (
+        "import runpy, sys\n"
+        "from megatron_prolong.train import flops\n"
+        "flops.GPU_SPECS['slow_test_gpu'] = flops.GPUSpec('a GPU with a 1 MFLOP/s peak', 80.0, 1e-6)\n"
+        "sys.argv[0] = 'megatron_prolong.train'\n"
+        "runpy.run_module('megatron_prolong.train', run_name='__main__')\n"
+    )
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper, f"run.dir={run_dir}", "train.gpu=slow_test_gpu", "train.steps=3",
+         "data.seq_length=256", "train.global_batch_size=2", "train.micro_batch_size=1",
+         "log.tensorboard=false", "checkpoint.save_interval=0"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("WARNING: step") == 1, proc.stderr[-3000:]
+    first = read_metrics(run_dir)[0]
+    assert first["tflops_per_gpu"] > 1e-6 and first["mfu"] > 1
+    assert f"step 1 ran at {first['tflops_per_gpu']:.4g} model TFLOP/s per GPU" in proc.stderr
+    assert "train.gpu=slow_test_gpu" in proc.stderr and "layout tp=1 pp=1 cp=1 dp=1" in proc.stderr
