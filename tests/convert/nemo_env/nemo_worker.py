@@ -9,7 +9,8 @@ to stderr). Requests::
     {"op": "export_hf", "path": NEMO2_DIR, "out": HF_DIR}    NeMo 2 -> HF through io.export_ckpt
     {"op": "quit"}
 
-Each request may carry "te_shim": false to run without the CPU settings below. Answers are
+Each request may carry "te_shim": false to run without the CPU settings below, or
+"local_norms": false to keep NeMo's TE norm names (see LOCAL_NORMS below). Answers are
 {"ok": ...} or {"error": exception type, "message": NeMo's message}.
 
 NeMo 2.5 on a machine without a GPU or Transformer Engine needs, besides the pins of
@@ -56,7 +57,7 @@ def _local(key: str) -> str:
 
 
 @contextlib.contextmanager
-def cpu_settings(enabled: bool):
+def cpu_settings(enabled: bool, local_norms: bool = True):
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -80,7 +81,9 @@ def cpu_settings(enabled: bool):
     def apply_transforms(source, target, mapping, *args, **kwargs):
         return original_transforms(source, target, {_local(k): _local(v) for k, v in mapping.items()}, *args, **kwargs)
 
-    patches += [(pl, "_fix_tensors_device", lambda ckpt: ckpt), (io, "apply_transforms", apply_transforms)]
+    patches.append((pl, "_fix_tensors_device", lambda ckpt: ckpt))
+    if local_norms:
+        patches.append((io, "apply_transforms", apply_transforms))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, fn in patches if enabled else []:
         setattr(obj, name, fn)
@@ -145,7 +148,7 @@ def serve() -> None:
         if req["op"] == "quit":
             break
         try:
-            with cpu_settings(req.get("te_shim", True)):
+            with cpu_settings(req.get("te_shim", True), req.get("local_norms", True)):
                 answer = {"ok": OPS[req["op"]](req)}
         except Exception as err:  # the test reads NeMo's own message; the traceback goes to stderr
             traceback.print_exc()
