@@ -126,9 +126,10 @@ class _ItemChecker(pickle.Unpickler):
         return _Inert()  # a tensor storage (torch.save's zip members); its type went through find_class
 
 
-def read_metadata(path: str | Path):
-    """The checkpoint's ``.metadata`` (a torch.distributed.checkpoint Metadata), read safely."""
-    f = Path(path) / ".metadata"
+def read_metadata(path: str | Path, name: str = ".metadata"):
+    """The checkpoint's ``.metadata`` (a torch.distributed.checkpoint Metadata), or another metadata
+    file ``name`` of it, read safely."""
+    f = Path(path) / name
     with open(f, "rb") as fh:
         try:
             return _MetadataUnpickler(fh, f).load()
@@ -164,8 +165,7 @@ def verify(path: str | Path) -> None:
         if backend != "torch_dist":
             raise UnsafeCheckpointError(f"{path}: sharded_backend {backend!r} is not checked; only torch_dist loads")
     for extra in sorted(path.glob("__*.metadata")):  # per-rank metadata, read by some PyTorch paths
-        with open(extra, "rb") as fh:
-            _MetadataUnpickler(fh, extra).load()
+        read_metadata(path, extra.name)
     if (path / "common.pt").is_file():  # Megatron's legacy layout
         check_torch_save((path / "common.pt").read_bytes(), path / "common.pt")
     md = read_metadata(path)

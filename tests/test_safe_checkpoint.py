@@ -102,8 +102,9 @@ def test_crafted_common_state_item_is_refused_and_runs_nothing(tmp_path, convert
     assert marker.read_text() == "ran"
 
 
-def test_unreadable_metadata_is_a_clear_error(tmp_path, converted):
+@pytest.mark.parametrize("name", [".metadata", "__0_0.metadata"])  # the second: a per-rank metadata file
+def test_unreadable_metadata_is_a_clear_error(tmp_path, converted, name):
     ckpt = _copy(converted, tmp_path / "ckpt")
-    (ckpt / ".metadata").write_bytes(b"not a pickle")
-    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata is not a readable checkpoint metadata file"):
+    (ckpt / name).write_bytes(b"not a pickle")
+    with pytest.raises(UnsafeCheckpointError, match=rf"{name} is not a readable checkpoint metadata file"):
         verify(ckpt)

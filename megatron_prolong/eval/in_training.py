@@ -55,8 +55,7 @@ class TrainingEval:
         try:
             with torch.no_grad():
                 rope_mode = t.cfg.model.rope_positions
-                eos = [self.tokenizer.eos_id]
-                gen = Generator(gpt, t.vocab_size, rope_mode, eos, self.max_length)
+                gen = Generator(gpt, t.vocab_size, rope_mode, self.tokenizer.eos_ids, self.max_length)
                 results = run_recall(gen, self.tokenizer.decode, self.samples, t.topo, t._log)
                 out = {f"eval/{task}/{n}": cell["score"] for task, cells in results["tasks"].items()
                        for n, cell in cells.items()}

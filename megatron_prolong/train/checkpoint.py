@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,12 @@ from megatron.core import dist_checkpointing
 
 from megatron_prolong import safe_checkpoint
 from megatron_prolong.tokenizer import save_tokenizer_files
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_prolong.config import ModelConfig
 from megatron_prolong.train import mcore_fixes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -103,7 +109,7 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "untie_embeddings")
 
 
-def check_compatible(path: Path, model_cfg, vocab_size: int) -> list[str]:
+def check_compatible(path: Path, model_cfg: ModelConfig, vocab_size: int) -> list[str]:
     """Refuse a checkpoint whose shapes differ from the config; return warnings for what may differ
     on purpose (a stage transition changes the RoPE base and the sequence length)."""
     meta = read_meta(path)
@@ -143,7 +149,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model, optimizer, scheduler, *, train_state: dict, rng: tuple[str, dict],
+    root: Path, step: int, model: torch.nn.Module, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
+    *, train_state: dict, rng: tuple[str, dict],
     meta: dict, tokenizer_dir: Path | None = None, keep_last: int | None = None, keep_every: int | None = None,
 ) -> Path:
     """``train_state``: global (rank 0 writes it); ``rng``: (this rank's coordinate name, its state);
@@ -198,12 +205,14 @@ def _groups_keyed_as_saved(optimizer, saved_schedule: dict | None):
     current = [{k: g[k] for k in SCHEDULE_GROUP_KEYS if g.get(k) is not None} for g in _param_groups(optimizer)]
     for g, values in zip(_param_groups(optimizer), current):
         g.update({k: saved_schedule[k] for k in values if k in (saved_schedule or {})})
-    yield
-    for g, values in zip(_param_groups(optimizer), current):
-        g.update(values)
+    try:
+        yield
+    finally:
+        for g, values in zip(_param_groups(optimizer), current):
+            g.update(values)
 
 
-def load_checkpoint(path: Path, model, optimizer=None) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module | None, optimizer: MegatronOptimizer | None = None) -> dict:
     """Load model (and optimizer when given) in place; returns the scheduler state and the step."""
     safe_checkpoint.verify(path)  # before PyTorch unpickles .metadata and the common state
     fresh = optimizer is not None and mcore_fixes.materialize_adam_state(optimizer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core import tensor_parallel
@@ -27,6 +28,10 @@ from megatron_prolong.tokenizer import Tokenizer, checkpoint_record
 from megatron_prolong.train import checkpoint as ckpt
 from megatron_prolong.train import mcore_fixes
 from megatron_prolong.train.memory import rank_params
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 # scheduler state key -> the setting users change
 _SCHEDULE_KEYS = {"max_lr": "train.lr", "min_lr": "floor (train.min_lr / min_lr_ratio)", "lr_warmup_steps": "warmup steps (train.warmup_fraction x train.steps)",
@@ -107,6 +112,8 @@ def estimate_disk(cfg: ProLongConfig, vocab_size: int) -> DiskEstimate:
 
 
 class CheckpointManager:
+    """How a run starts (resume, start from ``checkpoint.load``, or fresh) and what its checkpoints hold."""
+
     def __init__(self, cfg: ProLongConfig, topo: Topology, vocab_size: int, tokenizer: Tokenizer,
                  log: Callable[[str], None]) -> None:
         self.cfg, self.topo, self.vocab_size, self.log = cfg, topo, vocab_size, log
@@ -125,7 +132,8 @@ class CheckpointManager:
         built, so that its random initialisation can be skipped)."""
         return ckpt.will_load(self.root, self.cfg.checkpoint.load)
 
-    def restore(self, model, optimizer, scheduler) -> tuple[int, dict | None]:
+    def restore(self, model: torch.nn.Module, optimizer: MegatronOptimizer,
+                scheduler: OptimizerParamScheduler) -> tuple[int, dict | None]:
         """Load what this start needs; returns (step, the run's train state on a resume, else None)."""
         c = self.cfg.checkpoint
         latest = ckpt.latest_checkpoint(self.root)
@@ -150,7 +158,7 @@ class CheckpointManager:
         self.log(f"resumed from {latest} at step {step}")
         return step, ckpt.read_train_state(latest)
 
-    def _continue_schedule(self, scheduler, saved: dict, step: int) -> None:
+    def _continue_schedule(self, scheduler: OptimizerParamScheduler, saved: dict, step: int) -> None:
         """The configured schedule, at the saved position (Megatron would keep the saved values)."""
         changed = [f"{name} {saved[key]} -> {getattr(scheduler, key)}" for key, name in _SCHEDULE_KEYS.items()
                    if key in saved and saved[key] != getattr(scheduler, key)]
@@ -194,7 +202,8 @@ class CheckpointManager:
         interval = self.cfg.checkpoint.save_interval
         return step == self.cfg.train.steps or bool(interval and step % interval == 0)
 
-    def save(self, step: int, model, optimizer, scheduler, *, train_state: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer: MegatronOptimizer,
+             scheduler: OptimizerParamScheduler, *, train_state: dict) -> Path:
         c = self.cfg.checkpoint
         return ckpt.save_checkpoint(
             self.root, step, model, optimizer, scheduler, train_state=train_state,
