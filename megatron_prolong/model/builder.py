@@ -59,14 +59,17 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
 
 def fusion_options(kernels: KernelConfig | None, te: bool) -> dict:
     """TransformerConfig fusion flags. TE path: what Megatron's TE layer spec supports (fused RoPE,
-    fused SwiGLU, weight gradients accumulated into the fp32 main grads by TE's GEMMs). Plugin
-    path: Megatron's fused SwiGLU (torch.compile'd; CUDA only under ``auto``)."""
+    fused SwiGLU, and weight gradients accumulated into the fp32 main grads where Apex's
+    ``fused_weight_gradient_mlp_cuda`` exists: Megatron's own output layer needs it once the flag is
+    on, and refuses to run without it, seen on an H200 with TE 2.20.2 and no Apex). Plugin path:
+    Megatron's fused SwiGLU (torch.compile'd; CUDA only under ``auto``)."""
     if kernels is None:
         return dict(bias_activation_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
     cuda = torch.cuda.is_available()
     swiglu = kernels.swiglu == "fused" or (kernels.swiglu == "auto" and cuda)
     if te:
-        return dict(bias_activation_fusion=swiglu, apply_rope_fusion=cuda, gradient_accumulation_fusion=cuda)
+        wgrad = cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+        return dict(bias_activation_fusion=swiglu, apply_rope_fusion=cuda, gradient_accumulation_fusion=wgrad)
     return dict(bias_activation_fusion=swiglu, apply_rope_fusion=False, gradient_accumulation_fusion=False,
                 rope_kernel=resolve_rope(kernels.rope))
 
