@@ -58,7 +58,8 @@ def llama_config(model: ModelConfig, vocab_size: int, seq_length: int, dtype: to
 def trainer_context(config: Call) -> Call:
     model = Call(f"{LLAMA}.LlamaModel", {"config": config,
                                          "tokenizer": Call(TOKENIZER, {"pretrained_model_name": TOKENIZER_DIR})})
-    strategy = Call("nemo.lightning.pytorch.strategies.megatron_strategy.MegatronStrategy", {"ckpt_save_optimizer": False})
+    strategy = Call("nemo.lightning.pytorch.strategies.megatron_strategy.MegatronStrategy",
+                    {"ckpt_save_optimizer": False})
     trainer = Call("nemo.lightning.pytorch.trainer.Trainer", {"accelerator": "cpu", "devices": 1, "strategy": strategy})
     return Call("nemo.lightning.io.pl.TrainerContext", {"model": model, "trainer": trainer, "extra": {}})
 
@@ -123,7 +124,8 @@ class _Writer:
         items = [[f"Attr(name={k!r})", self.value(v, f"{path}.{k}")] for k, v in c.args.items()]
         meta = self._add("buildable_traverser_metadata", {
             "type": _pyref("fiddle._src.config.BuildableTraverserMetadata"),
-            "items": [["Attr(name='fn_or_cls')", _pyref(c.target)], ["Attr(name='argument_names')", self._tuple(list(c.args))],
+            "items": [["Attr(name='fn_or_cls')", _pyref(c.target)],
+                      ["Attr(name='argument_names')", self._tuple(list(c.args))],
                       ["Attr(name='argument_tags')", self._dict({}, None)],
                       ["Attr(name='argument_history')", self._dict({}, None)]],
             "metadata": _pyref("fiddle._src.config.BuildableTraverserMetadata")})

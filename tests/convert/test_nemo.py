@@ -189,11 +189,11 @@ def test_what_nemo_refuses_is_reported_with_nemos_message(nemo, tmp_path, mcore_
     answer = nemo("load_context", path=tmp_path / "nemo2", te_shim=False)
     assert answer["error"] == "ValueError"
     assert answer["message"].startswith("apply_rope_fusion is not available. Please install TE >= 1.4.")
-    # A NeMo 2 folder without context/io.json (what mcore-to-nemo wrote before) is not a NeMo checkpoint to NeMo.
+    # A NeMo 2 folder without context/io.json (what mcore-to-nemo wrote before) is not a NeMo checkpoint to
+    # NeMo (which, not finding context/io.json, looks for an older layout's io.json one folder up).
     (tmp_path / "nemo2" / "context" / "io.json").unlink()
     answer = nemo("load_context", path=tmp_path / "nemo2")
-    assert answer == {"error": "FileNotFoundError",
-                      "message": f"No such file: '{tmp_path / 'nemo2' / 'context' / 'io.json'}'"}
+    assert answer == {"error": "FileNotFoundError", "message": f"No such file: '{tmp_path / 'nemo2' / 'io.json'}'"}
 
 
 def test_nemo_import_without_te_norm_names_loses_the_norms(nemo, nemo_imported, tmp_path):
