@@ -75,6 +75,13 @@ def _wait_ranks(proc: subprocess.Popen, n: int) -> list[int]:
     return ranks
 
 
+def _kill_and_expect_gone(proc: subprocess.Popen, tree: list[int], what: str) -> None:
+    proc.kill()
+    proc.wait()
+    left = _wait_gone(tree)
+    assert not left, f"{left} still alive {BOUND_S} s after {what} was killed"
+
+
 @pytest.mark.parametrize("when", ["starting", "training"])
 def test_ranks_exit_when_torchrun_is_killed(tmp_path, when):
     """The orphan of the checkpoint tests: SIGKILL torchrun alone (its workers live in sessions of
@@ -88,10 +95,7 @@ def test_ranks_exit_when_torchrun_is_killed(tmp_path, when):
         ranks = _wait_ranks(proc, 2)
         if when == "training":
             _wait_steps(tmp_path / "run", 1, [proc])
-        proc.kill()
-        proc.wait()
-        left = _wait_gone(ranks)
-        assert not left, f"ranks {left} still alive {BOUND_S} s after torchrun was killed"
+        _kill_and_expect_gone(proc, ranks, "torchrun")
     finally:
         _kill_all(ranks)
     steps = len(read_metrics(tmp_path / "run"))
@@ -118,10 +122,7 @@ def test_run_ends_when_the_process_that_started_torchrun_is_killed(tmp_path):
         _wait_steps(tmp_path / "run", 1, [parent])
         tree = [torchrun, *descendants(torchrun)]
         assert len(_ranks(torchrun)) == 2
-        parent.kill()
-        parent.wait()
-        left = _wait_gone(tree)
-        assert not left, f"{left} still alive {BOUND_S} s after the parent was killed"
+        _kill_and_expect_gone(parent, tree, "the parent")
     finally:
         _kill_all(tree)
 
