@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from megatron_prolong import safe_checkpoint
+from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.convert.common import progress, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
@@ -259,8 +260,13 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
 
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
-    known = {f for f in ModelConfig.__dataclass_fields__}
-    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    """The checkpoint's model config; its nested ``attention`` table (a dict in JSON) becomes an
+    AttentionConfig again, and keys this version does not know are left out."""
+    fields = {k: v for k, v in meta["model"].items() if k in ModelConfig.__dataclass_fields__}
+    if isinstance(fields.get("attention"), dict):
+        known = AttentionConfig.__dataclass_fields__
+        fields["attention"] = AttentionConfig(**{k: v for k, v in fields["attention"].items() if k in known})
+    return ModelConfig(**fields)
 
 
 def checkpoint_tokenizer(ckpt: Path, meta: dict) -> Path | None:
