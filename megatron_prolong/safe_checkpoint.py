@@ -34,7 +34,12 @@ _METADATA_CLASSES = {
         "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
     )
 } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+     # Megatron-Core 0.14 (the NeMo 2.5 checkpoints) pickles its save plan into .metadata: the
+     # marker class MCoreSavePlan (empty) and torch's plain planner dataclasses and enum
+     ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan")} | {
+    ("torch.distributed.checkpoint.planner", n) for n in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")}
 _ITEM_GLOBALS = {
     ("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("_io", "BytesIO"), ("io", "BytesIO"),
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
