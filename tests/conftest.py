@@ -33,8 +33,14 @@ def run_training(tmp_path):
     return _run
 
 
+def _parent(proc: Path) -> int:
+    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def session_processes() -> dict[int, str]:
-    """Live processes (not zombies) started by this session, other than pytest itself: pid -> command line."""
+    """Live processes (not zombies) started by this session, other than pytest itself and its own
+    multiprocessing helpers (the resource tracker, spawned workers of in-process code: they end with
+    this interpreter, unlike orphans): pid -> command line."""
     mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
     found = {}
     for proc in Path("/proc").glob("[0-9]*"):
@@ -45,9 +51,10 @@ def session_processes() -> dict[int, str]:
             if mark not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            ours = _parent(proc) == os.getpid() and cmdline.split(" -c ", 1)[-1].startswith("from multiprocessing.")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if cmdline:  # a zombie has an empty command line
+        if cmdline and not ours:  # a zombie has an empty command line
             found[pid] = cmdline
     return found
 
