@@ -30,7 +30,7 @@ and flash / document attention, which keeps no s x s score matrix, so their 5as/
 The analytic count misses implementation copies (the fused QKV output that V is a view of, RoPE
 outputs, kernel workspaces, allocator rounding), so the estimate multiplies it by a factor per
 attention backend, LAYER_FACTOR, fitted to peaks that tools/bench.py measured
-(docs/benchmarks/bench_*.json; ``python -m megatron_prolong.train.memory --calibrate FILE``
+(docs/benchmarks/bench_*.json; ``python -m megatron_prolong.train.memory_report --calibrate FILE``
 prints the fit). tests/train/test_memory.py checks the estimate against every recorded peak.
 
 Recompute (``train.recompute``):
@@ -71,7 +71,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from megatron_prolong.config import ConfigError
-from megatron_prolong.train.flops import GPU_SPECS, gpu_spec
+from megatron_prolong.train.flops import gpu_spec
 
 GiB = 1024**3
 #: measured / analytic per-layer activations (fitted: ``--calibrate``, docs/benchmarks.md)
@@ -166,8 +166,10 @@ def layer_activation_bytes(
     element_bytes: int = 2,
     calibrated: bool = True,
     backend: str = "te",
+    factor: float | None = None,
 ) -> int:
-    """Activations one layer keeps for backward over ``tokens`` tokens (no full recompute)."""
+    """Activations one layer keeps for backward over ``tokens`` tokens (no full recompute);
+    ``factor`` replaces the backend's LAYER_FACTOR (calibration fits it)."""
     h, f, heads = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_attention_heads
     d_head = h // heads
     kv_local = max(model_cfg.num_query_groups // tp, 1) * d_head
@@ -178,7 +180,8 @@ def layer_activation_bytes(
         per_token += 4 * heads / tp  # fp32 softmax statistics (log-sum-exp) of flash attention
     if "mlp" not in modules:
         per_token += e * 3 * f / tp
-    factor = LAYER_FACTOR[backend] if calibrated else 1.0
+    if factor is None:
+        factor = LAYER_FACTOR[backend] if calibrated else 1.0
     return int(per_token * tokens * factor)
 
 
@@ -198,6 +201,7 @@ def estimate_memory(
     logits_block: int | None = DEFAULT_LOGITS_BLOCK,
     overhead_gib: float = DEFAULT_OVERHEAD_GIB,
     cross_entropy: str = "triton",
+    layer_factor: float | None = None,
 ) -> MemoryEstimate:
     """Estimate the per-GPU memory of training ``model_cfg`` with ``train_cfg`` and the layout
     ``parallel_cfg`` on ``world_size`` GPUs at ``seq_length`` tokens per sequence.
@@ -210,6 +214,7 @@ def estimate_memory(
     re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te.
     ``logits_block=None`` models an unblocked output layer (all logits of the micro-batch).
     ``cross_entropy``: the loss kernel (``kernels.cross_entropy``; triton, the GPU default, or torch).
+    ``layer_factor`` replaces the backend's LAYER_FACTOR (used when fitting it).
     """
     tp, pp, cp = parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.cp
     sp = bool(_get(parallel_cfg, "sequence_parallel", False)) and tp > 1
@@ -253,13 +258,14 @@ def estimate_memory(
     plugin_cp = backend == "plugin" and cp > 1
     calibration = "plugin" if backend == "plugin" else "te"
     kv_gathered_extra = int(e * 2 * kv_local * (cp - 1) * tokens) if plugin_cp else 0  # kept K/V of other ranks
-    full_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, (), e, backend=calibration) + kv_gathered_extra
+    full_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, (), e, backend=calibration, factor=layer_factor) + kv_gathered_extra
 
     if recompute == "full":
         per_layer = int(e * h_sp * tokens)  # the checkpointed layer input
         recompute_layer = full_layer
     else:
-        per_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, modules, e, backend=calibration) + kv_gathered_extra
+        per_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, modules, e, backend=calibration,
+                                           factor=layer_factor) + kv_gathered_extra
         recompute_layer = 0
     activations = per_layer * layers * in_flight
 
@@ -334,151 +340,3 @@ def check_fits(
         f"the layout does not fit in GPU memory at data.seq_length={seq_length}: estimated "
         f"{est}{hint}. See docs/recipe.md (memory table) and megatron_prolong/train/memory.py for the model."
     )
-
-
-# -- calibration on measured peaks (tools/bench.py reports) ----------------------------------
-
-def bench_records(report: dict):
-    """(backend, layers, layout, measured peak GiB, model config) of every clean measurement of the
-    trainer's default kernels in a tools/bench.py report: a build that started with more than
-    1 GiB still allocated (an earlier build not yet freed), or that did not record it, is skipped."""
-    from megatron_prolong.config import ModelConfig
-
-    model = ModelConfig(**{k: v for k, v in report["model"].items() if k in ModelConfig.__dataclass_fields__})
-    for path in report["paths"].values():
-        overrides = path.get("overrides", [])
-        if path.get("kind") != "trainer" or any(not o.startswith("model.attention_backend=") for o in overrides):
-            continue
-        backend = "te" if "model.attention_backend=te" in overrides else "plugin"
-        for layers, per in path.get("layers", {}).items():
-            before = per.get("allocated_before_build_gib")
-            if before is None or before > 1.0:
-                continue
-            for layout, r in per.get("layouts", {}).items():
-                yield backend, int(layers), layout, r["peak_gib"], replace(model, num_layers=int(layers))
-
-
-def bench_estimate(model_cfg, report: dict, backend: str, factor: float | None = None) -> float:
-    """GiB the estimate gives for a tools/bench.py configuration, without the overhead allowance
-    (the measured peak is PyTorch's allocated memory: no CUDA context, no fragmentation)."""
-    from megatron_prolong.config import ParallelConfig, TrainConfig
-
-    saved = LAYER_FACTOR[backend]
-    if factor is not None:
-        LAYER_FACTOR[backend] = factor
-    try:
-        est = estimate_memory(model_cfg, TrainConfig(global_batch_size=1, micro_batch_size=1, precision="bf16"),
-                              ParallelConfig(), report["seq"], 1, 1e6, vocab_size=report["vocab"],
-                              attention_backend=backend, overhead_gib=0.0)
-    finally:
-        LAYER_FACTOR[backend] = saved
-    return est.total / GiB
-
-
-def calibrate(report: dict) -> dict[str, float]:
-    """Per backend, the LAYER_FACTOR that makes the estimate match the report's clean peaks (least
-    squares: the estimate is linear in the factor)."""
-    fits: dict[str, list[tuple[float, float]]] = {}
-    for backend, _, _, peak, model in bench_records(report):
-        at0 = bench_estimate(model, report, backend, 0.0)
-        slope = bench_estimate(model, report, backend, 1.0) - at0
-        fits.setdefault(backend, []).append((peak - at0, slope))
-    return {b: sum(y * x for y, x in v) / sum(x * x for _, x in v) for b, v in fits.items()}
-
-
-# -- the table in docs/recipe.md ---------------------------------------------------------------
-
-DOC_LAYOUTS = {
-    65536: [
-        dict(tp=1, cp=1, sp=False, recompute="none"),
-        dict(tp=1, cp=1, sp=False, recompute="full"),
-        dict(tp=1, cp=2, sp=False, recompute="full"),
-        dict(tp=2, cp=1, sp=True, recompute="full"),
-        dict(tp=1, cp=8, sp=False, recompute="full"),
-        dict(tp=2, cp=4, sp=True, recompute="none"),
-        dict(tp=4, cp=2, sp=True, recompute="none"),
-        dict(tp=8, cp=1, sp=True, recompute="none"),
-    ],
-    524288: [
-        dict(tp=1, cp=8, sp=False, recompute="full"),
-        dict(tp=2, cp=8, sp=True, recompute="full"),
-        dict(tp=4, cp=4, sp=True, recompute="full"),
-        dict(tp=8, cp=2, sp=True, recompute="full"),
-        dict(tp=4, cp=8, sp=True, recompute="none"),
-        dict(tp=8, cp=4, sp=True, recompute="none"),
-        dict(tp=8, cp=8, sp=True, recompute="none"),
-    ],
-}
-
-
-def memory_table(gpu: str = "h100_80gb", world_size: int = 64, attention_backend: str = "te") -> str:
-    """Markdown table of the DOC_LAYOUTS for Llama-3-8B with the presets' batch sizes."""
-    from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-
-    model = ModelConfig(name="llama3_8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
-                        num_attention_heads=32, num_query_groups=8, vocab_size=128256)
-    spec = gpu_spec(gpu)
-    rows = [
-        f"Llama-3-8B, {world_size} x {spec.name} ({spec.memory_gib:.1f} GiB), bf16, distributed optimizer, "
-        f"micro batch 1, attention backend {attention_backend}; GiB per GPU.",
-        "",
-        "| seq | tp | cp | dp | sp | recompute | weights | grads | optim | activations | recompute layer | logits | workspace | overhead | total | fits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for seq, layouts in DOC_LAYOUTS.items():
-        gbs = 64 if seq == 65536 else 16
-        for lay in layouts:
-            train = TrainConfig(global_batch_size=gbs, micro_batch_size=1, precision="bf16", recompute=lay["recompute"])
-            par = ParallelConfig(tp=lay["tp"], cp=lay["cp"], sequence_parallel=lay["sp"], distributed_optimizer=True)
-            est = estimate_memory(model, train, par, seq, world_size, spec.memory_gib, attention_backend=attention_backend)
-            g = est.gib
-            rows.append(
-                f"| {seq // 1024}K | {lay['tp']} | {lay['cp']} | {est.info['dp']} | {'on' if lay['sp'] else 'off'} "
-                f"| {lay['recompute']} | {g('weights'):.1f} | {g('grads'):.1f} | {g('optimizer'):.1f} "
-                f"| {g('activations'):.1f} | {g('recompute_layer'):.1f} | {g('logits'):.1f} | {g('workspace'):.1f} "
-                f"| {g('overhead'):.1f} | **{est.total / GiB:.1f}** | {'yes' if est.fits else 'no'} |"
-            )
-    return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m megatron_prolong.train.memory [--gpu G] [--world N] [--backend te|plugin]``
-    prints the docs table; with Hydra overrides (``experiment=prolong_64k ...``) it prints the
-    estimate of that configuration instead."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--gpu", default=None, choices=sorted(GPU_SPECS))
-    ap.add_argument("--world", type=int, default=64, help="number of GPUs")
-    ap.add_argument("--backend", default="te", choices=("te", "plugin"))
-    ap.add_argument("--calibrate", metavar="BENCH_JSON", help="fit LAYER_FACTOR to a tools/bench.py report")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    if args.calibrate:
-        import json
-
-        with open(args.calibrate) as f:
-            report = json.load(f)
-        for backend, factor in calibrate(report).items():
-            print(f"LAYER_FACTOR[{backend!r}] = {factor:.3f} (now {LAYER_FACTOR[backend]:.3f})")
-        return
-    if not args.overrides:
-        print(memory_table(args.gpu or "h100_80gb", args.world, args.backend))
-        return
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from megatron_prolong.config import register_configs
-
-    register_configs()
-    with initialize_config_module("megatron_prolong.conf", version_base="1.3"):
-        raw = compose("config", overrides=args.overrides)
-    cfg = OmegaConf.to_object(raw)
-    est = estimate_memory(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, args.world,
-                          gpu=args.gpu, attention_backend=args.backend)
-    print(est)
-    print("fits" if est.fits else "DOES NOT FIT")
-
-
-if __name__ == "__main__":
-    main()

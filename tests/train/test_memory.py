@@ -13,14 +13,12 @@ from megatron_prolong.train.memory import (
     LAYER_FACTOR,
     MARGIN,
     GiB,
-    bench_estimate,
-    bench_records,
     check_fits,
     estimate_memory,
     layer_activation_bytes,
-    memory_table,
     rank_params,
 )
+from megatron_prolong.train.memory_report import bench_estimate, bench_records, memory_table
 
 LLAMA = ModelConfig(name="llama3_8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
                     num_attention_heads=32, num_query_groups=8, vocab_size=128256)
