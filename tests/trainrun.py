@@ -10,6 +10,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +136,7 @@ def assert_losses_close(a: list[float], b: list[float], rel: float = 1e-4) -> No
         assert abs(x - y) <= rel * abs(y), f"step {step}: {x} vs {y} (rel diff {abs(x - y) / abs(y):.2e})"
 
 
-def checkpoint_tensors(run_dir: Path) -> dict[str, "torch.Tensor"]:
+def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a run's latest checkpoint (weights and Adam moments) at its global shape,
     whatever layout wrote it: the conversion code's reader of Megatron's distributed checkpoints."""
     from megatron_prolong.convert.mcore import DistCheckpointReader, megatron_session

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 from megatron_prolong.attention import (  # noqa: E402
+    AttentionConfig,
     DocumentLayout,
     attend_gathered,
     pieces,
@@ -276,7 +277,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     report = {"device": props.name, "torch": torch.__version__, "argv": sys.argv, "check": [],
               "rows": [], "fresh": [],
-              "knobs": {n: getattr(core, n) for n in _KNOBS + ("AUTO_MULTI_DOC_BACKEND",)}}
+              "attention_config": dataclasses.asdict(AttentionConfig())}
     if args_g.te:
         import transformer_engine
 

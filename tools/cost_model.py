@@ -10,7 +10,8 @@ sequence of S tokens on the tp x cp GPUs of one model replica):
 
   layer compute   the measured single-GPU layer time split into matmul (6 P S / matmul rate),
                   attention (causal in-document pairs / attention rate, scaled by S^2 for one
-                  document and by S for documents of a fixed mean length) and the rest
+                  document and by S for documents of a fixed mean length; under CP divided by
+                  the measured per-rank efficiency, ``cp_efficiency``) and the rest
                   (elementwise, proportional to tokens); all of it divided by tp x cp (sequence
                   parallelism shards the elementwise work over TP too); GEMMs narrowed by TP run
                   at ``tp_gemm_efficiency``
@@ -36,6 +37,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
@@ -65,12 +67,12 @@ def split_layer(summary: dict, model, seq: int, lengths: list[int], matmul_tflop
     return {"matmul": mm, "attention": attn, "other": max(t - mm - attn, 0.0), "measured": t}
 
 
-def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Network, *,
+def predict(bench: dict, cp_sim: dict, layout: dict, seq: int, world: int, gpu: str, net: Network, *,
             global_batch: int, mix: dict[str, float], tp_gemm_efficiency: float = 0.92, overlap_grad_reduce: bool = True) -> dict:
     model = LLAMA3_8B
     tp, cp = layout["tp"], layout["cp"]
     dp = world // (tp * cp)
-    h, kv = model.hidden_size, model.num_query_groups * (model.hidden_size // model.num_attention_heads)
+    h = model.hidden_size
     kv_local = max(model.num_query_groups // tp, 1) * (model.hidden_size // model.num_attention_heads)
     plugin = bench["paths"][layout.get("path", "plugin")]["summary"]
     rate = bench["matmul_tflops"]
@@ -79,8 +81,7 @@ def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Netw
     for name, weight in mix.items():
         measured, lengths_base, lengths = _layout(name, base_seq, seq)
         parts = split_layer(plugin[measured], model, base_seq, lengths_base, rate, ATTENTION_CP1[measured])
-        # under CP the plugin's attention runs flex, slower than cuDNN by FLEX_UNDER_CP
-        attn_rate_ratio = FLEX_UNDER_CP[measured] if cp > 1 else 1.0
+        attn_rate_ratio = cp_efficiency(cp_sim, measured, cp) if cp > 1 else 1.0
         scale = seq / base_seq
         attn_scale = attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths) / max(
             attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths_base), 1)
@@ -116,10 +117,34 @@ def predict(bench: dict, layout: dict, seq: int, world: int, gpu: str, net: Netw
 #: attention kernel rates at CP = 1 (TFLOP/s, H100, docs/benchmarks.md 2026-11-24): one document
 #: through cuDNN SDPA, packed documents through the cudnn THD kernel (mean 1.5K: taken as mean 2K's)
 ATTENTION_CP1 = {"one_doc": 540.0, "mean8k": 495.0, "mean2k": 449.0, "mean1.5k": 449.0}
-#: flex (the plugin's kernel under CP) over the CP = 1 kernel, per local token (docs/benchmarks.md,
-#: "Context parallelism": one doc 2 x 3.48 / 9.59 us/token; mean 8K / 2K 0.60 / 0.305 us/token of
-#: cudnn against flex's 0.837 / 0.434 at CP = 1)
-FLEX_UNDER_CP = {"one_doc": 0.73, "mean8k": 0.72, "mean2k": 0.70, "mean1.5k": 0.70}
+#: the bench layouts' rows in a tools/bench_cp.py --simulate report (mean 1.5K: taken as mean 2K's)
+CP_SIM_LAYOUT = {"one_doc": "one_doc", "mean8k": "mean8K", "mean2k": "mean2K", "mean1.5k": "mean2K"}
+CP_SIM_DEFAULT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "cp_sim_2026-12-02_h200_cudnn.json"
+
+
+def cp_efficiency(cp_sim: dict, layout: str, cp: int) -> float:
+    """Attention time at CP = 1 / cp over the slowest CP rank's time, measured for the cudnn
+    kernel and the balanced split (tools/bench_cp.py --simulate: one rank's share timed alone);
+    between measured CP sizes interpolated in log2(cp), outside them the nearest one."""
+    name = CP_SIM_LAYOUT[layout]
+    by_cp = {}
+    for r in cp_sim["rows"]:
+        if r["layout"] == name and r["backend"] == "cudnn" and r["split"] == "balanced":
+            work = sum(t * ms for t, ms in zip(r["rank_tflops"], r["ms_per_rank"]))
+            by_cp[r["cp"]] = work / r["cp"] / r["cp1_tflops"] / max(r["ms_per_rank"])
+    if not by_cp:
+        raise ValueError(f"the CP report has no cudnn/balanced rows for {name!r}")
+    sizes = sorted(by_cp)
+    if cp <= sizes[0] or cp >= sizes[-1]:
+        return by_cp[sizes[0] if cp <= sizes[0] else sizes[-1]]
+    lo = max(c for c in sizes if c <= cp)
+    hi = min(c for c in sizes if c >= cp)
+    if lo == hi:
+        return by_cp[lo]
+    w = (math.log2(cp) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    return by_cp[lo] * (1 - w) + by_cp[hi] * w
+
+
 #: ProLong's data per stage as rows (docs/recipe.md): 64K: 60% single documents, 40% packed short
 #: documents; 512K: 20% single 512K documents (code, books), 40% rows of 8 packed 64K documents,
 #: 40% packed short documents
@@ -160,17 +185,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gpu", default="h100_80gb", choices=sorted(GPU_SPECS))
     p.add_argument("--world", type=int, default=64)
     p.add_argument("--path", default="plugin", help="which path of the report to scale")
+    p.add_argument("--cp-sim", default=str(CP_SIM_DEFAULT), help="a tools/bench_cp.py --simulate report (cudnn)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     with open(args.bench) as f:
         bench = json.load(f)
+    with open(args.cp_sim) as f:
+        cp_sim = json.load(f)
     net = Network()
     rows = []
     for seq, layouts in LAYOUTS.items():
         gbs, mix = (64 if seq == 65536 else 16), MIXES[seq]
         for lay in layouts:
             world = max(args.world, lay["tp"] * lay["cp"])
-            r = predict(bench, {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix)
+            r = predict(bench, cp_sim, {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix)
             r["seq"], r["world"] = seq, world
             rows.append(r)
     if args.markdown:

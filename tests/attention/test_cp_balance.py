@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from cp_balance import layouts, table  # noqa: E402
+from cp_balance import table  # noqa: E402
 
 from megatron_prolong.attention import DocumentLayout, balanced_split, pieces, rank_work, zigzag_split
 

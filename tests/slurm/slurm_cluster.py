@@ -259,7 +259,7 @@ PartitionName=test Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE Sta
         """Cancel all jobs, wait for their processes, stop the daemons by pid. Never raises."""
         if "slurmctld" in self.started:
             try:
-                self.cmd("scancel", "--full", f"--partition=test", "--state=PENDING", check=False, timeout=20)
+                self.cmd("scancel", "--full", "--partition=test", "--state=PENDING", check=False, timeout=20)
                 self.cmd("scancel", "--partition=test", check=False, timeout=20)
                 deadline = time.monotonic() + 40
                 while time.monotonic() < deadline:
