@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from megatron_prolong.eval.rows import EvalInputError
 
 TASKS = ("json_kv", "ruler_mk2", "ruler_mk3", "ruler_mv", "ruler_vt")
-#: generation budget per task (HELMET's configs/recall.yaml: 100 tokens for JSON KV, 50 for RULER)
-MAX_NEW_TOKENS = {"json_kv": 100, "ruler_mk2": 50, "ruler_mk3": 50, "ruler_mv": 50, "ruler_vt": 50}
+#: generation budget per task, HELMET's ``generation_max_length``: configs/recall.yaml (ruler_niah_mk_2 50,
+#: ruler_niah_mk_3 100, ruler_niah_mv 50, json_kv 100) and configs/ruler.yaml (ruler_vt 50)
+MAX_NEW_TOKENS = {"json_kv": 100, "ruler_mk2": 50, "ruler_mk3": 100, "ruler_mv": 50, "ruler_vt": 50}
 #: RULER's needle depths: 40 points from 0 to 100 %
 DEPTHS = [round(100 * i / 39) for i in range(40)]
 #: lengths must land within this fraction below the target
@@ -50,8 +51,9 @@ _KV = "{context}\n\nExtract the value corresponding to the specified key in the 
 _KV_PREFIX = "Corresponding value:"
 _VT = ("{example}Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
        "Question: Find all variables that are assigned the value {query} in the text above.")
+# "assgined" is RULER's spelling (scripts/data/synthetic/constants.py), kept so prompts equal its data files.
 _VT_PREFIX = ("Answer: According to the chain(s) of variable assignment in the text above, {num} variables are "
-              "assigned the value {query}, they are:")
+              "assgined the value {query}, they are:")
 _NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 
 # RULER draws word keys as adjective-noun pairs (wonderwords' lists); these 100 x 100 common words
@@ -100,6 +102,8 @@ def _at(units: int, depth: int) -> int:
 
 
 def _json_kv(rng: random.Random, units: int, depth: int, haystack: list[str] | None):
+    # Keys quoted as in the JSON object: the prompt HELMET's load_json_kv takes from lost-in-the-middle
+    # (kv_retrieval.prompt) asks for `Key: "<uuid>"`.
     units = max(units, 3)
     pairs = [(_uuid(rng), _uuid(rng)) for _ in range(units)]
     target = min(_at(units, depth), units - 1)
@@ -152,7 +156,7 @@ def _multivalue(rng: random.Random, units: int, depth: int, haystack: list[str] 
     return _NIAH_MV.format(type="numbers", context=" ".join(out), query=key) + "\n" + prefix, values, prefix
 
 
-def _vt_text(rng: random.Random, units: int, depth: int, example: str) -> tuple[str, list[str]]:
+def _vt_text(rng: random.Random, units: int, depth: int, example: str) -> tuple[str, list[str], str]:
     names: list[str] = []
     while len(names) < 5:
         name = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=5))
@@ -168,13 +172,12 @@ def _vt_text(rng: random.Random, units: int, depth: int, example: str) -> tuple[
         sentences.insert(pos + j, chain[j])
     context = " ".join(sentences).replace(". \n", ".\n")
     prefix = _VT_PREFIX.format(num=5, query=value)
-    return _VT.format(example=example, context=context, query=value) + "\n" + prefix, names
+    return _VT.format(example=example, context=context, query=value) + "\n" + prefix, names, value
 
 
 def _variable_tracking(rng: random.Random, units: int, depth: int, haystack: list[str] | None):
-    shot, shot_answer = _vt_text(rng, 8, rng.choice(DEPTHS), "")
-    prompt, names = _vt_text(rng, units, depth, shot + " " + " ".join(shot_answer) + "\n\n")
-    value = prompt.rsplit("assigned the value ", 1)[1].split(",")[0]
+    shot, shot_answer, _ = _vt_text(rng, 8, rng.choice(DEPTHS), "")
+    prompt, names, value = _vt_text(rng, units, depth, shot + " " + " ".join(shot_answer) + "\n\n")
     return prompt, names, _VT_PREFIX.format(num=5, query=value)
 
 

@@ -80,12 +80,12 @@ _watching: threading.Thread | None = None
 def watch_launcher(poll_s: float = PARENT_POLL_S) -> None:
     """Exit once the parent process (the launcher) is gone: a daemon thread polling getppid(), one per process."""
     global _watching
-    if _watching is not None:
-        return
     parent = os.getppid()
+    if _watching is not None or parent == 1:  # a launcher that is PID 1 (a container's entrypoint) ends with it
+        return
 
     def watch() -> None:
-        while os.getppid() == parent and parent != 1:
+        while os.getppid() == parent:
             time.sleep(poll_s)
         exit_now(f"the launcher (pid {parent}) is gone (killed?); this rank must not outlive it",
                  PARENT_GONE_EXIT_CODE)

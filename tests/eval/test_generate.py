@@ -48,7 +48,10 @@ def converted(tmp_path_factory):
     refs = [_hf_greedy(model, p, eos=eos) for p in prompts]
     assert len(refs[0]) == 6
     lines = [{"input_ids": p} for p in prompts]
-    lines.append({"input_ids": list(range(3, 40)), "indices": [[0, 20], [20, 37]]})  # packed: continue doc 2
+    # Packed: generation continues document 2, which attends only to itself, so HF's greedy decoding
+    # of document 2 alone is the reference (RoPE is relative: its offset in the row does not matter).
+    lines.append({"input_ids": list(range(3, 40)), "indices": [[0, 20], [20, 37]]})
+    refs.append(_hf_greedy(model, list(range(23, 40)), eos=eos))
     (root / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return root, refs, eos
 
@@ -78,7 +81,7 @@ def test_greedy_equals_hf_generate_and_full_context(converted, tmp_path):
     root, refs, eos = converted
     generate_file(root / "mc", root / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=NEW, eos=[eos])
     rows = _read(tmp_path / "out.jsonl")
-    for r, ref in zip(rows, refs):
+    for r, ref in zip(rows, refs, strict=True):
         assert r["output_ids"] == ref
     assert rows[0]["output_ids"][-1] == eos and len(rows[0]["output_ids"]) == 6
     assert all(isinstance(r["text"], str) for r in rows)
@@ -109,7 +112,7 @@ def test_two_processes_match_hf(converted, flag, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     rows = _read(out)
-    for r, ref in zip(rows, refs):
+    for r, ref in zip(rows, refs, strict=True):
         assert r["output_ids"] == ref
     _check_against_full_context(root / "mc", tmp_path, rows)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from megatron_prolong.eval.metrics import normalize_answer, parse_output, qa_met
 from megatron_prolong.eval.model import encode_prompt
 from megatron_prolong.eval.recall import score_sample
 from megatron_prolong.eval.rows import EvalInputError
-from megatron_prolong.eval.tasks import DEPTHS, TASKS, make_samples
+from megatron_prolong.eval.tasks import DEPTHS, MAX_NEW_TOKENS, TASKS, make_samples
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
     ("  an   apple a day  ", "apple day"),  # whitespace collapses; 'a'/'an' dropped as words only
     ("Theatre and another", "theatre and another"),  # no article inside words
     ("3b67907f-2fb4-4177", "3b67907f2fb44177"),  # UUID hyphens are punctuation
+    ("a-b", "ab"),  # punctuation goes before the articles: "a-b" -> "ab", not "b"
 ])
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
@@ -52,6 +54,15 @@ def test_ruler_recall():
 
 
 # ------------------------------------------------------------------------- generators
+def test_depths_and_generation_budgets_are_helmets():
+    # RULER: 40 depths, np.round(np.linspace(0, 100, 40)); HELMET's generation_max_length:
+    # configs/recall.yaml 50 / 100 / 50 / 100 for ruler_niah_mk_2 / mk_3 / mv / json_kv, configs/ruler.yaml
+    # 50 for ruler_vt.
+    assert DEPTHS == [0, 3, 5, 8, 10, 13, 15, 18, 21, 23, 26, 28, 31, 33, 36, 38, 41, 44, 46, 49, 51, 54, 56, 59,
+                      62, 64, 67, 69, 72, 74, 77, 79, 82, 85, 87, 90, 92, 95, 97, 100]
+    assert MAX_NEW_TOKENS == {"json_kv": 100, "ruler_mk2": 50, "ruler_mk3": 100, "ruler_mv": 50, "ruler_vt": 50}
+
+
 @pytest.fixture(scope="module")
 def encode():
     tok = llama3_tokenizer()
@@ -102,13 +113,48 @@ def test_formats_exactly_as_helmet(encode):
                                f"The special magic number for {key} mentioned in the provided text is")
     assert len(mk2.answers[0]) == 7 and mk2.prompt.count(f"for {key} is:") == 1
 
+    mk3 = make_samples("ruler_mk3", 4096, 1, encode, seed=0)[0]
+    key = mk3.answer_prefix.split(" for ")[1].split(" mentioned")[0]
+    head = ("A special magic uuid is hidden within the following text. Make sure to memorize it. I will quiz you "
+            "about the uuid afterwards.\n")
+    tail = (f"\nWhat is the special magic uuid for {key} mentioned in the provided text?\n"
+            f"The special magic uuid for {key} mentioned in the provided text is")
+    assert mk3.prompt.startswith(head) and mk3.prompt.endswith(tail)
+    lines = mk3.prompt[len(head):-len(tail)].split("\n")
+    uuid_re = "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    assert all(re.fullmatch(f"One of the special magic uuids for {uuid_re} is: {uuid_re}\\.", x) for x in lines)
+    assert lines.count(f"One of the special magic uuids for {key} is: {mk3.answers[0]}.") == 1
+    assert mk3.max_new_tokens == 100
+
     mv = make_samples("ruler_mv", 4096, 1, encode, seed=0, haystack_text=prose())[0]
-    assert mv.prompt.startswith("Some special magic numbers are hidden") and len(mv.answers) == 4
-    assert mv.answer_prefix.endswith("mentioned in the provided text are")
+    key = mv.answer_prefix.split(" for ")[1].split(" mentioned")[0]
+    head = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz "
+            "you about the numbers afterwards.\n")
+    tail = (f"\nWhat are all the special magic numbers for {key} mentioned in the provided text?\n"
+            f"The special magic numbers for {key} mentioned in the provided text are")
+    assert mv.prompt.startswith(head) and mv.prompt.endswith(tail) and len(set(mv.answers)) == 4
+    essay = mv.prompt[len(head):-len(tail)]
+    for value in mv.answers:
+        assert essay.count(f"One of the special magic numbers for {key} is: {value}.") == 1
+    assert essay.count("One of the special magic") == 4
 
     vt = make_samples("ruler_vt", 4096, 1, encode, seed=0)[0]
-    assert len(vt.answers) == 5 and vt.prompt.count("Memorize and track") == 2  # one worked example
-    assert "5 variables are assigned the value" in vt.answer_prefix
+    value = vt.answer_prefix.split("the value ")[1].split(",")[0]
+    assert re.fullmatch("[0-9]{5}", value)
+    assert vt.answer_prefix == ("Answer: According to the chain(s) of variable assignment in the text above, 5 "
+                                f"variables are assgined the value {value}, they are:")  # RULER's spelling
+    assert vt.prompt.endswith(f"\nQuestion: Find all variables that are assigned the value {value} in the text "
+                              "above.\n" + vt.answer_prefix)
+    task = vt.prompt.rsplit("Memorize and track the chain(s) of variable assignment hidden in the following "
+                            "text.\n\n", 1)[1]
+    names = vt.answers
+    assert len(set(names)) == 5 and all(re.fullmatch("[A-Z]{5}", n) for n in names)
+    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]}" for j in range(4)]
+    where = [task.index(c) for c in chain]
+    assert where == sorted(where)  # the chain in order, in the noise
+    assert task.count("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+                      "again.") > 10
+    assert vt.prompt.count("Memorize and track") == 2  # one worked example first
 
 
 def test_bad_requests_are_refused(encode):

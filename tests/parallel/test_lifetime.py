@@ -196,3 +196,32 @@ def test_sigterm_deadline(deadline, work, code):
     out, err = proc.communicate(timeout=BOUND_S)
     assert proc.returncode == code, err
     assert ("still running 1 s after SIGTERM" in err) == (code == SIGTERM_EXIT_CODE), err
+
+
+_WATCH = textwrap.dedent("""
+    import os, sys, time
+    from megatron_prolong.parallel import lifetime
+    parents = iter([int(x) for x in sys.argv[1].split(",")])
+    last = [next(parents)]
+    def getppid():
+        last[0] = next(parents, last[0])
+        return last[0]
+    os.getppid = getppid
+    lifetime.watch_launcher(poll_s=0.05)
+    time.sleep(2)
+    print("alive")
+""")
+
+
+@pytest.mark.parametrize("parents,alive", [("1", True), ("4242", True), ("4242,4242,4242,1", False)])
+def test_launcher_watchdog_with_a_pid_1_launcher(parents, alive):
+    """A launcher that is PID 1 (torchrun as a container's entrypoint) is not taken for a dead parent;
+    a parent that changes (to init, after the launcher died) ends the rank."""
+    from megatron_prolong.parallel.lifetime import PARENT_GONE_EXIT_CODE
+
+    res = subprocess.run([sys.executable, "-c", _WATCH, parents], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env=_env())
+    if alive:
+        assert res.returncode == 0 and "alive" in res.stdout, res.stderr
+    else:
+        assert res.returncode == PARENT_GONE_EXIT_CODE and "the launcher (pid 4242) is gone" in res.stderr
