@@ -241,8 +241,29 @@ def folder_record(folder: Path | None, recorded_path: str | None, token_ids: dic
             record.update(checkpoint_record(TokenizerConfig(kind="hf", path=str(folder))), path=recorded_path)
         except Exception as err:  # files a converter can copy but transformers cannot load
             warn(f"the tokenizer in {folder} does not load ({err}); its special ids are not recorded")
-    record.update({k: v for k, v in (token_ids or {}).items() if v not in (None, [])})
-    return record
+    return merge_token_ids(record, token_ids or {})
+
+
+def merge_token_ids(record: dict, stated: dict) -> dict:
+    """The tokenizer's ids with those a model folder states (config.json / generation_config.json):
+    BOS stays the tokenizer's (it is what every prompt and training row starts with), every EOS id of
+    either stops generation, a stated pad id wins. A folder whose ids disagree with its tokenizer's
+    (transformers' defaults 1 / 2 next to a Llama-3 tokenizer, say) is warned about."""
+    from megatron_prolong.tokenizer import unique_ids
+
+    bos, eos, pad = stated.get("bos_token_id"), list(stated.get("eos_token_id") or []), stated.get("pad_token_id")
+    known = record["bos_token_id"] is not None or record["eos_token_id"]
+    if known and ((bos is not None and bos != record["bos_token_id"])
+                  or (eos and not set(record["eos_token_id"]) & set(eos))):
+        warn(f"the model's config states bos {bos} / eos {eos}, its tokenizer {record['bos_token_id']} / "
+             f"{record['eos_token_id']}; keeping the tokenizer's BOS and stopping at every EOS id of both")
+    out = dict(record)
+    if out["bos_token_id"] is None:
+        out["bos_token_id"] = bos
+    out["eos_token_id"] = unique_ids(eos + list(record["eos_token_id"]))
+    if pad is not None:
+        out["pad_token_id"] = pad
+    return out
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict]:

@@ -60,11 +60,17 @@ def saved_steps(root: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
 
 
+def _replaced(final: Path) -> Path:
+    return final.with_name(f".{final.name}.replaced")
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     tracker = root / TRACKER
     if not tracker.is_file():
         return None
     path = iter_dir(root, int(tracker.read_text().strip()))
+    if not path.exists() and _replaced(path).is_dir():  # killed while re-saving this step: the old copy stands
+        os.replace(_replaced(path), path)
     if not (path / META).is_file():
         raise FileNotFoundError(
             f"{tracker} points at {path}, which is missing or incomplete; remove the tracker to start "
@@ -175,9 +181,12 @@ def save_checkpoint(
         (tmp / META).write_text(json.dumps(dict(meta, step=step), indent=2))
         if tokenizer_dir is not None:
             save_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = _replaced(final)
+        if final.exists():  # a save of a step saved before: the old copy goes only once the new one is in place
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         _write_atomic(root / TRACKER, str(step))
         for s in prune_plan(saved_steps(root), keep_last, keep_every):
             shutil.rmtree(iter_dir(root, s), ignore_errors=True)

@@ -33,7 +33,7 @@ def make_tokenizer(folder: Path, vocab: int = VOCAB) -> None:
 def make_hf_llama(folder: Path, *, vocab: int = VOCAB, layers: int = 2, hidden: int = 64, heads: int = 4,
                   groups: int = 2, ffn: int = 96, tie: bool = False, rope_theta: float = 5e5,
                   rope_scaling: dict | None = None, max_pos: int = 4096, seed: int = 0,
-                  tokenizer: bool = True, **extra):
+                  tokenizer: bool = True, bos: int = 1, eos: int | list[int] = 2, **extra):
     """Save a random LlamaForCausalLM (every weight random, norms too) and return it (eval, float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +41,7 @@ def make_hf_llama(folder: Path, *, vocab: int = VOCAB, layers: int = 2, hidden: 
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=groups, max_position_embeddings=max_pos,
         rope_theta=rope_theta, rope_scaling=rope_scaling, tie_word_embeddings=tie, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, torch_dtype="float32", attn_implementation="eager", **extra,
+        bos_token_id=bos, eos_token_id=eos, torch_dtype="float32", attn_implementation="eager", **extra,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()

@@ -34,7 +34,7 @@ def llama3_checkpoint(root: Path, max_pos: int = 8192) -> Path:
 
     tok = llama3_tokenizer_dir()
     make_hf_llama(root / "hf", vocab=LLAMA3_VOCAB, layers=2, hidden=32, heads=4, groups=2, ffn=64,
-                  rope_theta=8e6, max_pos=max_pos, tokenizer=False, tie=True)
+                  rope_theta=8e6, max_pos=max_pos, tokenizer=False, tie=True, bos=128000, eos=128001)
     for f in tok.iterdir():
         if f.suffix == ".json":
             shutil.copy2(f, root / "hf" / f.name)

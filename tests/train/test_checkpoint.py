@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -57,6 +58,19 @@ def test_keep_last_and_every(tmp_path):
                 "checkpoint.keep_last=2", "checkpoint.keep_every=3")
     kept = sorted(p.name for p in (run.dir / "checkpoints").glob("iter_*"))
     assert kept == ["iter_0000003", "iter_0000005", "iter_0000006"]
+
+
+def test_killed_while_resaving_a_step_keeps_its_old_copy(uninterrupted, tmp_path):
+    """A save of a step that exists moves the old copy aside until the new one is in place; a kill
+    between the two renames leaves the old copy, which the next start puts back and resumes from."""
+    from megatron_prolong.train.checkpoint import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted.dir, run_dir)
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "iter_0000012").rename(ckpts / ".iter_0000012.replaced")  # the state between the renames
+    assert latest_checkpoint(ckpts) == ckpts / "iter_0000012"
+    assert (ckpts / "iter_0000012" / "prolong_meta.json").is_file() and not (ckpts / ".iter_0000012.replaced").exists()
 
 
 def test_stage_transition_keeps_optimizer_and_restarts_schedule(uninterrupted, tmp_path):

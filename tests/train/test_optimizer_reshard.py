@@ -30,15 +30,26 @@ def optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
         return {k: reader.load(k) for k in reader.metadata if k.startswith("optimizer.")}
 
 
+RNG_FILES = {"parallel.tp=2": {"tp0_pp0_cp0_dp0.pt", "tp1_pp0_cp0_dp0.pt"},
+             "parallel.cp=2": {"tp0_pp0_cp0_dp0.pt", "tp0_pp0_cp1_dp0.pt"}}
+
+
+def _rng_files(path: Path) -> set[str]:
+    return {f.name for f in (path / "rng").iterdir()}
+
+
 @pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.cp=2",)], ids=["tp2", "cp2"])
 def test_optimizer_state_survives_a_layout_change(source, tmp_path, layout):
     run_dir = crashed_copy(source.dir, tmp_path / "run", step=2)
-    saved = optimizer_tensors(run_dir / "checkpoints" / "iter_0000002")
+    iter2 = run_dir / "checkpoints" / "iter_0000002"
+    assert _rng_files(iter2) == {"tp0_pp0_cp0_dp0.pt", "tp0_pp0_cp0_dp1.pt"}  # RNG keyed by coordinate
+    saved = optimizer_tensors(iter2)
     resave = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               str(REPO / "tests" / "resave_checkpoint.py"), f"run.dir={run_dir}", *RUN, *layout]
     done = subprocess.run(resave, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    loaded = optimizer_tensors(run_dir / "checkpoints" / "iter_0000002")
+    loaded = optimizer_tensors(iter2)
+    assert _rng_files(iter2) == RNG_FILES[layout[0]]
     assert sorted(loaded) == sorted(saved)
     kinds = {k.split(".")[2] for k in saved}
     assert {"exp_avg", "exp_avg_sq"} <= kinds, kinds
