@@ -75,17 +75,32 @@ def launched_by_launcher(world_size: int) -> bool:
 
 
 _watching: threading.Thread | None = None
+LAUNCHERS = ("torchrun", "torch.distributed.run", "torch/distributed/run.py", "srun", "slurmstepd")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _is_launcher(pid: int) -> bool:
+    """Whether process ``pid`` runs a launcher (torchrun, srun) rather than an init that adopted orphans."""
+    cmd = _cmdline(pid)
+    return any(name in cmd for name in LAUNCHERS)
 
 
 def watch_launcher(poll_s: float = PARENT_POLL_S) -> None:
     """Exit once the parent process (the launcher) is gone: a daemon thread polling getppid(), one per process."""
     global _watching
     parent = os.getppid()
-    if _watching is not None or parent == 1:  # a launcher that is PID 1 (a container's entrypoint) ends with it
+    if _watching is not None or (parent == 1 and _is_launcher(1)):  # torchrun as a container's PID 1 ends with it
         return
 
     def watch() -> None:
-        while os.getppid() == parent:
+        # A parent of 1 that is no launcher: the launcher died before this thread started.
+        while os.getppid() == parent and parent != 1:
             time.sleep(poll_s)
         exit_now(f"the launcher (pid {parent}) is gone (killed?); this rank must not outlive it",
                  PARENT_GONE_EXIT_CODE)

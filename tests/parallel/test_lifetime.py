@@ -207,21 +207,28 @@ _WATCH = textwrap.dedent("""
         last[0] = next(parents, last[0])
         return last[0]
     os.getppid = getppid
+    lifetime._cmdline = lambda pid: sys.argv[2] if pid == 1 else ""
     lifetime.watch_launcher(poll_s=0.05)
     time.sleep(2)
     print("alive")
 """)
 
 
-@pytest.mark.parametrize("parents,alive", [("1", True), ("4242", True), ("4242,4242,4242,1", False)])
-def test_launcher_watchdog_with_a_pid_1_launcher(parents, alive):
-    """A launcher that is PID 1 (torchrun as a container's entrypoint) is not taken for a dead parent;
-    a parent that changes (to init, after the launcher died) ends the rank."""
+@pytest.mark.parametrize("parents,pid1,alive", [
+    ("1", "/usr/bin/python3 /usr/local/bin/torchrun --nproc_per_node 8 -m megatron_prolong.train", True),
+    ("1", "/sbin/init splash", False),
+    ("4242", "/sbin/init", True),
+    ("4242,4242,4242,1", "/sbin/init", False),
+], ids=["launcher-is-pid-1", "orphaned-before-start", "parent-alive", "parent-dies"])
+def test_launcher_watchdog_and_pid_1(parents, pid1, alive):
+    """torchrun as a container's PID 1 is the launcher, not a dead parent; a parent of 1 that is an
+    init (the launcher died before the watchdog started) or a parent that changes ends the rank."""
     from megatron_prolong.parallel.lifetime import PARENT_GONE_EXIT_CODE
 
-    res = subprocess.run([sys.executable, "-c", _WATCH, parents], cwd=REPO, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", _WATCH, parents, pid1], cwd=REPO, capture_output=True, text=True,
                          timeout=60, env=_env())
     if alive:
         assert res.returncode == 0 and "alive" in res.stdout, res.stderr
     else:
-        assert res.returncode == PARENT_GONE_EXIT_CODE and "the launcher (pid 4242) is gone" in res.stderr
+        gone = parents.split(",")[0]
+        assert res.returncode == PARENT_GONE_EXIT_CODE and f"the launcher (pid {gone}) is gone" in res.stderr
