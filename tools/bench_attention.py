@@ -404,8 +404,8 @@ def main():
                 extra = f"  {r['ms'] / r['local_tokens'] * 1e3:.3f} us/token"
             print(f"  {tag} {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s"
                   f" (first call {r['first_call_s']} s){extra}")
-    if "megatron_prolong.attention.cudnn_thd" in sys.modules:
-        from megatron_prolong.attention import cudnn_thd
+    if "megatron_prolong.attention.backends.cudnn_thd" in sys.modules:
+        from megatron_prolong.attention.backends import cudnn_thd
 
         report["cudnn_graphs"] = [str(k) for k in cudnn_thd._GRAPHS]
         try:

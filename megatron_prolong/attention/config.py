@@ -33,6 +33,9 @@ class AttentionConfig:
     cudnn_doc_bucket_min: int = 8
     #: cudnn: smallest maximum-length bucket (lengths are padded to a power of two)
     cudnn_seq_bucket_min: int = 128
+    #: cudnn: graphs kept per process (least recently used out first); each bucket of sequence
+    #: count, lengths and totals needs its own (~0.2 s to build)
+    cudnn_graph_cache: int = 64
 
     def check(self, prefix: str = "attention") -> None:
         """ValueError naming the key for a value that cannot work."""
@@ -42,7 +45,7 @@ class AttentionConfig:
             raise ValueError(
                 f"{prefix}.cp_split={self.cp_split!r} is not one of {', '.join(CP_SPLITS)}")
         for key in ("cp_min_chunk", "flex_block_size", "reference_block_elements",
-                    "cudnn_doc_bucket_min", "cudnn_seq_bucket_min"):
+                    "cudnn_doc_bucket_min", "cudnn_seq_bucket_min", "cudnn_graph_cache"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{prefix}.{key}={getattr(self, key)} must be >= 1")
         if not self.cp_split_work_fraction > 0:

@@ -132,7 +132,7 @@ def test_no_leakage_between_documents(backend):
 
 
 def test_auto_and_errors(monkeypatch):
-    from megatron_prolong.attention import cudnn_thd
+    from megatron_prolong.attention.backends import cudnn_thd
 
     monkeypatch.setattr(cudnn_thd, "_AVAILABLE", False)  # without cudnn-frontend
     layout = DocumentLayout.from_lengths([[10, 54]])

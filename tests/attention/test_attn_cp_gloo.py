@@ -71,3 +71,59 @@ def _check(group, backends):
 
 def test_cp_2_and_4_over_gloo_match_dense():
     mp.spawn(_worker, args=(4, _free_port(), ("reference", "sdpa")), nprocs=4, join=True)
+
+
+def _worker_agreement(rank, world, port):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from megatron_prolong.attention import DocumentLayout, balanced_split, document_attention
+        from megatron_prolong.attention.backends import cudnn_thd
+        from megatron_prolong.attention.dispatch import agree_kernel
+
+        group = dist.group.WORLD
+        # one rank cannot build cuDNN's graphs: the whole group runs flex, the others switch cuDNN off
+        failed = "graphs failed to build" if rank == 1 else None
+        assert agree_kernel("cudnn", failed, group, torch.device("cpu")) == "flex"
+        assert cudnn_thd.DISABLED is not None
+        cudnn_thd.DISABLED = None
+        # a rank without cudnn-frontend resolves to flex itself: the others follow it
+        assert agree_kernel("flex" if rank == 2 else "cudnn", None, group, torch.device("cpu")) == "flex"
+        assert agree_kernel("cudnn", None, group, torch.device("cpu")) == "cudnn"
+        # short documents, each placed whole on one rank: no rank has a rectangle, so no K/V
+        # all-gather and no reduce-scatter run (they would raise here), and the result is exact
+        rows = [[16] * 16]
+        layout = DocumentLayout.from_lengths(rows)
+        split = balanced_split(layout, world, min_chunk=1 << 20, work_fraction=1.0)
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(256, 1, h, 8, dtype=torch.float64, generator=g).requires_grad_()
+                   for h in (4, 2, 2))
+        ref = dense_attention(q, k, v, rows)
+        go = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        grads = torch.autograd.grad(ref, (q, k, v), go)
+        mine = lambda t: split.shard(t.transpose(0, 1), rank).transpose(0, 1)
+        ql, kl, vl = (mine(t.detach()).requires_grad_() for t in (q, k, v))
+
+        def refuse(*a, **kw):
+            raise AssertionError("no collective expected for whole documents")
+
+        dist.all_gather, saved = refuse, dist.all_gather
+        dist.barrier()
+        try:
+            out = document_attention(ql, kl, vl, layout, cp_group=group, split=split,
+                                     backend="reference")
+            out.backward(mine(go))
+        finally:
+            dist.all_gather = saved
+        assert (out - mine(ref)).abs().max().item() < TOL
+        for t, full in zip((ql, kl, vl), grads):
+            assert (t.grad - mine(full)).abs().max().item() < TOL
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cp_group_agrees_on_the_kernel_and_skips_collectives_without_rectangles():
+    mp.spawn(_worker_agreement, args=(4, _free_port()), nprocs=4, join=True)

@@ -1,8 +1,9 @@
 """GPU: the ``cudnn`` kernel (the one ``auto`` uses for packed rows, and under CP) against the
 ``reference`` backend (float32 math on the same bf16 inputs): outputs and q/k/v gradients, at
 CP = 1 and under CP (simulated on one GPU: every rank's queries against the full K/V, with the
-zigzag and the balanced split), on rows with one-token documents, a document crossing every
-chunk, and b > 1 with a token total that is not a multiple of 64.
+zigzag and the balanced split: the square and rectangle calls of attention/ring.py), on rows
+with one-token documents, a document crossing every chunk, b > 1 with a token total that is not
+a multiple of 64, and short documents all placed whole (no rectangle on any rank).
 
 bf16 rounds to 2^-8 = 3.9e-3 relative per value; the kernels agree with the reference to
 2-3.5e-3 relative norm error (docs/benchmarks.md), so 1e-2 fails real bugs (a wrong mask or
@@ -23,13 +24,15 @@ ROWS = {
     "tiny_docs": [[1, 1, 700, 1, 333, 1200, 1, 1859]],
     "one_doc": [[4096]],
     "b2_odd": [[1, 999, 300, 1, 1, 500, 198], [1000, 1000]],
+    "short_whole": [[256] * 16],  # every document whole on a rank: no rectangle anywhere
 }
 TOL = 1e-2
 
 
 def _run(backend, rows, cp, kind, q, k, v, go):
     layout = DocumentLayout.from_lengths(rows, device="cuda")
-    split = zigzag_split(layout, cp) if kind == "zigzag" else balanced_split(layout, cp, min_chunk=64)
+    split = zigzag_split(layout, cp) if kind == "zigzag" else balanced_split(
+        layout, cp, min_chunk=64 if kind == "balanced" else 1 << 20, work_fraction=1.0)
     qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
     outs = [attend_gathered(split.shard(qq.transpose(0, 1), r).transpose(0, 1), kk, vv, layout,
                             split=split, cp_rank=r, backend=backend) for r in range(cp)]
@@ -41,12 +44,15 @@ def _run(backend, rows, cp, kind, q, k, v, go):
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
-@pytest.mark.parametrize("cp,kind", [(1, "zigzag"), (2, "zigzag"), (2, "balanced"), (4, "balanced")])
+@pytest.mark.parametrize("cp,kind", [(1, "zigzag"), (2, "zigzag"), (2, "balanced"), (4, "balanced"),
+                                     (8, "balanced"), (4, "whole")])
 def test_cudnn_matches_reference(name, cp, kind):
-    from megatron_prolong.attention import cudnn_thd
+    from megatron_prolong.attention.backends import cudnn_thd
 
     assert cudnn_thd.available(), cudnn_thd.MISSING
     rows = ROWS[name]
+    if kind == "whole" and name != "short_whole":
+        pytest.skip("the whole-documents split is for rows of short documents")
     s, b, hq, hkv, d = sum(rows[0]), len(rows), 8, 2, 128
     g = torch.Generator(device="cuda").manual_seed(cp)
     mk = lambda h: torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16, generator=g)

@@ -1,20 +1,41 @@
 #!/usr/bin/env bash
-# Context-parallel attention checks on one lent GPU (< 4 minutes): the cudnn kernel vs the
-# reference at CP = 1 and simulated CP (tests/gpu/test_cudnn_attention.py), then per-rank
-# attention rate under CP vs the same kernel's CP = 1 rate (tools/bench_cp.py --simulate).
+# Context-parallel attention checks on one lent GPU. Usage: cp_checks.sh [128k|512k] [BASE]
+#   128k (< 5 minutes): the cudnn kernel vs the reference at CP = 1 and simulated CP 2/4/8
+#        (tests/gpu), the Triton ring passes; per-rank attention rate under CP vs the same
+#        kernel's CP = 1 rate on 128K rows (tools/bench_cp.py --simulate, with a kernel profile of
+#        the slowest rank), and over a stream of 64K rows of the stage-1 mix (graph builds counted).
+#   512k (< 8 minutes): the same rate at CP = 8 on 512K rows (one document, eight 64K documents,
+#        mean-2K packed), and a stream of 512K rows of the stage-2 mix.
+#   BASE: a folder holding an earlier tree's megatron_prolong and tools (git archive), timed in the
+#        same run for a before/after at 128K.
 # Needs the project's wheels in .whl (cudnn-frontend among them); logs and JSON under $OUT.
 set -uo pipefail
+what=${1:-128k}
+base=${2:-}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tools PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv > "$out/gpu.txt" 2>&1
-timeout 100 python3 -m pytest tests/gpu/test_cudnn_attention.py -q -s -p no:cacheprovider 2>&1 | tee "$out/cudnn_numerics.log" | grep -E "relative|passed|failed|Error" | tail -14
-# 128K row: CP = 2 (stage 1's split of a 64K-per-rank share) and CP = 8 (16K per rank)
-timeout 70 python3 tools/bench_cp.py --simulate 2,8 --seq 131072 --backends cudnn \
-  --layouts one_doc,mean8K,mean2K --warmup 2 --rep 4 --out "$out/bench_cp_sim.json" > "$out/bench_cp_sim.log" 2>&1
-echo "bench_cp rc $?"; grep -v '^{"device"' "$out/bench_cp_sim.log" | tail -14
-# flex (what CP used before): one document and mean 2K, to compare (it compiles per shape)
-timeout 100 python3 tools/bench_cp.py --simulate 2,8 --seq 131072 --backends flex \
-  --layouts one_doc,mean2K --warmup 2 --rep 4 --out "$out/bench_cp_sim_flex.json" > "$out/bench_cp_sim_flex.log" 2>&1
-echo "bench_cp flex rc $?"; grep -v '^{"device"' "$out/bench_cp_sim_flex.log" | tail -6
+bench() {  # name, timeout, args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 tools/bench_cp.py "$@" --out "$out/$name.json" > "$out/$name.log" 2>&1
+  echo "$name rc $?"; grep -E '^\{"(layout|cp)"' "$out/$name.log" | cut -c1-400
+}
+if [ "$what" = 128k ]; then
+  timeout 150 python3 -m pytest tests/gpu/test_cudnn_attention.py tests/gpu/test_ring_ops.py -q -s \
+    -p no:cacheprovider 2>&1 | tee "$out/cudnn_numerics.log" | grep -E "relative|passed|failed|Error" | tail -30
+  bench cp_sim_128k 150 --simulate 2,4,8 --seq 131072 --backends cudnn \
+    --layouts one_doc,mean8K,mean2K --warmup 2 --rep 4 --profile
+  bench cp_stream_64k 150 --simulate 2,4,8 --seq 65536 --backends cudnn --stream 12 --mix stage1
+  if [ -n "$base" ]; then
+    (cd "$base" && PYTHONPATH=/tmp/site:$PWD:$PWD/tools timeout 120 python3 tools/bench_cp.py \
+      --simulate 2,4,8 --seq 131072 --backends cudnn --layouts one_doc,mean8K,mean2K --warmup 2 \
+      --rep 4 --out "$out/cp_sim_128k_base.json" > "$out/cp_sim_128k_base.log" 2>&1)
+    echo "base rc $?"; grep -E '^\{"layout"' "$out/cp_sim_128k_base.log" | cut -c1-400
+  fi
+else
+  bench cp_sim_512k 330 --simulate 8 --seq 524288 --backends cudnn \
+    --layouts one_doc,docs64K,mean2K --warmup 1 --rep 2
+  bench cp_stream_512k 200 --simulate 8 --seq 524288 --backends cudnn --stream 6 --mix stage2
+fi

@@ -5,16 +5,18 @@ is one entry of a ragged batch (ragged offsets into the packed Q/K/V/O, per-sequ
 key lengths, causal mask within each sequence, padding mask beyond its lengths). This is the
 kernel family Transformer Engine's THD path uses, without TE.
 
-At CP = 1 the sequences are the documents. Under context parallelism they are a rank's pieces
-(its queries of one document against the document's keys up to the last of them), with the
-causal mask aligned bottom-right; their keys may overlap (two pieces of one document on one
-rank), so the backend packs them into a key stream of their own.
+At CP = 1 the sequences are the documents (mask ``causal``). Under context parallelism a rank
+makes two calls (attention/ring.py): the causal squares of its pieces on its own tokens, and the
+unmasked rectangles of those pieces against earlier keys of their documents (mask ``none``).
+A sequence's *span* (where the next one starts) may exceed its length: the rectangles read the
+queries in place, with zero-length sequences for pieces that have no rectangle.
 
-Graphs do not depend on the lengths, only on their bucketed count and maxima: the number of
-sequences is padded up to a power of two with zero-length sequences, the maximum query and key
-lengths to powers of two (minimums ``cudnn_doc_bucket_min`` / ``cudnn_seq_bucket_min``), so
-layouts of the same token count reuse the graphs of a bucket; built graphs are cached per
-process (:data:`_GRAPHS`).
+Graphs do not depend on the lengths, only on buckets: the number of sequences is padded up to a
+power of two with zero-length sequences, the maximum query and key lengths to powers of two
+(minimums ``cudnn_doc_bucket_min`` / ``cudnn_seq_bucket_min``), and the token totals the
+backward graph is told (upper bounds) to powers of two, so real batches, whose totals differ
+under CP, share few graphs. Built graphs are kept per process, least recently used first out
+beyond ``cudnn_graph_cache`` (:data:`_GRAPHS`).
 
 Needs the ``nvidia-cudnn-frontend`` package (it loads the cuDNN library PyTorch ships); CUDA
 only, fp16/bf16. :func:`available` says whether it can be imported.
@@ -23,6 +25,7 @@ only, fp16/bf16. :func:`available` says whether it can be imported.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,7 @@ import torch
 #: token totals fall into few graph buckets
 TOKEN_ALIGN = 64
 
-_GRAPHS: dict = {}
+_GRAPHS: OrderedDict = OrderedDict()
 _HANDLES: dict = {}
 _LOCK = threading.Lock()
 _AVAILABLE: bool | None = None
@@ -84,17 +87,21 @@ def bucket(n: int, minimum: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def padded_lengths(lengths, *, doc_min: int, seq_min: int):
+def padded_lengths(lengths, *, doc_min: int, seq_min: int, spans=None):
     """(sequence count bucket B, max-length bucket S, lengths padded with zeros to B entries,
-    cumulative lengths of B + 1 entries: the trailing ones repeat the token total)."""
+    cumulative spans of B + 1 entries: the trailing ones repeat the token total). ``spans``
+    (default: the lengths) say where each sequence starts; each must be >= its length."""
     lengths = [int(n) for n in lengths]
-    if not lengths or min(lengths) < 0:
-        raise ValueError(f"sequence lengths must be non-empty and >= 0, got {lengths[:8]}")
+    spans = lengths if spans is None else [int(n) for n in spans]
+    if not lengths or min(lengths) < 0 or len(spans) != len(lengths) or any(
+            a > b for a, b in zip(lengths, spans)):
+        raise ValueError(f"sequence lengths must be non-empty, >= 0 and within their spans, got "
+                         f"{lengths[:8]} / {spans[:8]}")
     nb = bucket(len(lengths), doc_min)
     sb = bucket(max(lengths), seq_min)
     padded = lengths + [0] * (nb - len(lengths))
     cu = [0]
-    for n in padded:
+    for n in spans + [0] * (nb - len(lengths)):
         cu.append(cu[-1] + n)
     return nb, sb, padded, cu
 
@@ -113,7 +120,7 @@ class Sequences:
     sbk: int  # max key length bucket
     total_q: int
     total_k: int
-    bottom_right: bool  # False: query and key lengths equal (causal top-left = bottom-right)
+    mask: str  # "causal" (top-left: each query sees its own position and before) or "none"
     seq_q: torch.Tensor  # int32 [nb, 1, 1, 1]
     seq_kv: torch.Tensor
     off_q: torch.Tensor  # int64 [nb + 1, 1, 1, 1]
@@ -129,15 +136,23 @@ class Sequences:
         return -(-self.total_k // TOKEN_ALIGN) * TOKEN_ALIGN
 
 
+MASKS = ("causal", "none")
+
+
 def sequences(q_lengths, kv_lengths, hq: int, hkv: int, d: int, device, *, doc_min: int,
-              seq_min: int) -> Sequences:
-    """Sequences of the given query / key lengths, each stream packed back to back."""
-    nb, sbq, pq, cq = padded_lengths(q_lengths, doc_min=doc_min, seq_min=seq_min)
+              seq_min: int, mask: str = "causal", q_spans=None) -> Sequences:
+    """Sequences of the given query / key lengths; the key stream packed back to back, the
+    query stream too unless ``q_spans`` says where each sequence's queries start."""
+    if mask not in MASKS:
+        raise ValueError(f"mask {mask!r} is not one of {MASKS}")
+    if mask == "causal" and list(map(int, q_lengths)) != list(map(int, kv_lengths)):
+        raise ValueError("a causal sequence has as many keys as queries")
+    nb, sbq, pq, cq = padded_lengths(q_lengths, doc_min=doc_min, seq_min=seq_min, spans=q_spans)
     _, sbk, pk, ck = padded_lengths(kv_lengths, doc_min=doc_min, seq_min=seq_min)
     cq_t, ck_t = torch.tensor(cq, dtype=torch.int64), torch.tensor(ck, dtype=torch.int64)
     col = lambda t: t.view(-1, 1, 1, 1).to(device)
     return Sequences(
-        nb, sbq, sbk, cq[-1], ck[-1], [int(x) for x in q_lengths] != [int(x) for x in kv_lengths],
+        nb, sbq, sbk, cq[-1], ck[-1], mask,
         col(torch.tensor(pq, dtype=torch.int32)), col(torch.tensor(pk, dtype=torch.int32)),
         col(cq_t * (hq * d)), col(ck_t * (hkv * d)), col(cq_t * hq),
     )
@@ -163,7 +178,8 @@ class _Graphs:
     """Forward and backward graphs of one bucket (see :func:`graphs_for` for the key)."""
 
     def __init__(self, key, device):
-        _, nb, sbq, sbk, tq, tk, hq, hkv, d, dtype, scale, bottom_right = key
+        _, nb, sbq, sbk, tq, tk, hq, hkv, d, dtype, scale, mask = key
+        self.total_q, self.total_k = tq, tk
         cudnn = _cudnn()
         self.cudnn = cudnn
         self.handle = _handle(cudnn, device)
@@ -189,8 +205,7 @@ class _Graphs:
             return ts
 
         stats_dim, stats_stride = [nb, hq, sbq, 1], [sbq * hq, 1, hq, 1]
-        mask = dict(use_causal_mask_bottom_right=True) if bottom_right else dict(use_causal_mask=True)
-        common = dict(attn_scale=scale, use_padding_mask=True, **mask)
+        common = dict(attn_scale=scale, use_padding_mask=True, use_causal_mask=mask == "causal")
 
         g = graph()
         t = inputs(g, backward=False)
@@ -237,7 +252,9 @@ class _Graphs:
         return o, stats
 
     def backward(self, seqs: Sequences, q, k, v, o, stats, do):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # room up to the bucketed totals the graph was told, should cuDNN write that far
+        room = lambda t, n: t.new_empty((max(n, t.shape[0]),) + tuple(t.shape[1:]))[: t.shape[0]]
+        dq, dk, dv = room(q, self.total_q), room(k, self.total_k), room(v, self.total_k)
         self._run(self.bwd, self.bwd_t, self.bwd_ws, dict(
             q=q, k=k, v=v, o=o, do=do, stats=stats, dq=dq, dk=dk, dv=dv, **self._lengths(seqs),
         ), q.device)
@@ -257,30 +274,31 @@ def _output(t, nb, sb, h, d, off):
 
 def graph_key(seqs: Sequences, hq, hkv, d, dtype, scale, device) -> tuple:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    return (idx, seqs.nb, seqs.sbq, seqs.sbk, seqs.alloc_q, seqs.alloc_k, hq, hkv, d, dtype,
-            float(scale), seqs.bottom_right)
+    return (idx, seqs.nb, seqs.sbq, seqs.sbk, bucket(seqs.alloc_q, TOKEN_ALIGN),
+            bucket(seqs.alloc_k, TOKEN_ALIGN), hq, hkv, d, dtype, float(scale), seqs.mask)
 
 
-def graphs_for(seqs: Sequences, hq, hkv, d, dtype, scale, device) -> _Graphs:
+def graphs_for(seqs: Sequences, hq, hkv, d, dtype, scale, device, *,
+               cache_size: int = 64) -> _Graphs:
     key = graph_key(seqs, hq, hkv, d, dtype, scale, device)
-    g = _GRAPHS.get(key)
-    if g is None:
-        with _LOCK:
-            g = _GRAPHS.get(key)
-            if g is None:
-                try:
-                    g = _Graphs(key, device)
-                except RuntimeError as e:  # MISSING (import) stays as it is
-                    if str(e).startswith(MISSING):
-                        raise
-                    raise GraphBuildError(
-                        f"cuDNN THD attention graphs for {key[1:9]} failed to build: "
-                        f"{type(e).__name__}: {e}") from e
-                except Exception as e:  # noqa: BLE001 - cudnnGraphNotSupportedError etc.
-                    raise GraphBuildError(
-                        f"cuDNN THD attention graphs for {key[1:9]} failed to build: "
-                        f"{type(e).__name__}: {e}") from e
-                _GRAPHS[key] = g
+    with _LOCK:
+        g = _GRAPHS.get(key)
+        if g is not None:
+            _GRAPHS.move_to_end(key)
+            return g
+        try:
+            g = _Graphs(key, device)
+        except RuntimeError as e:  # MISSING (import) stays as it is
+            if str(e).startswith(MISSING):
+                raise
+            raise GraphBuildError(f"cuDNN THD attention graphs for {key[1:9]} failed to build: "
+                                  f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - cudnnGraphNotSupportedError etc.
+            raise GraphBuildError(f"cuDNN THD attention graphs for {key[1:9]} failed to build: "
+                                  f"{type(e).__name__}: {e}") from e
+        _GRAPHS[key] = g
+        while len(_GRAPHS) > max(1, cache_size):
+            _GRAPHS.popitem(last=False)
     return g
 
 
