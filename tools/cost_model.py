@@ -21,7 +21,9 @@ sequence of S tokens on the tp x cp GPUs of one model replica):
                   in full
   CP comm         the plugin's K/V all-gather (forward) and dK/dV reduce-scatter (backward):
                   2 x kv_local x S x 2 B x (cp-1)/cp each way, NVLink inside a node, InfiniBand
-                  when the CP group spans nodes; not overlapped (counted in full)
+                  when the CP group spans nodes; both run while the rank computes its causal
+                  squares (attention/ring.py), so only what exceeds that share of the attention
+                  time counts (``square_share`` of the slowest rank, from the bench_cp report)
   fixed part      output layer and loss, scaled by tokens per GPU (vocabulary-parallel over TP)
   DP / optimizer  once per step: gradient reduce-scatter (fp32) and parameter all-gather (bf16)
                   over InfiniBand across replicas, hidden behind the last micro-batch's backward /
@@ -85,16 +87,20 @@ def predict(bench: dict, cp_sim: dict, layout: dict, seq: int, world: int, gpu: 
         scale = seq / base_seq
         attn_scale = attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths) / max(
             attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths_base), 1)
+        attention = parts["attention"] * attn_scale / attn_rate_ratio / (tp * cp)
         compute = (parts["matmul"] * scale / (tp_gemm_efficiency if tp > 1 else 1.0)
-                   + parts["attention"] * attn_scale / attn_rate_ratio + parts["other"] * scale) / (tp * cp)
+                   + parts["other"] * scale) / (tp * cp) + attention
         if layout.get("recompute") == "full":  # one more forward pass: about a third of forward + backward
             compute *= 4 / 3
         tp_bytes = 8 * (tp - 1) / tp * seq / cp * h * 2 if tp > 1 else 0.0
         cp_bytes = 2 * 2 * kv_local * seq * 2 * (cp - 1) / cp if cp > 1 else 0.0
         cp_bw = net.nvlink if tp * cp <= 8 else net.infiniband
-        layer = compute + tp_bytes / (net.nvlink * 1e9) + cp_bytes / (cp_bw * 1e9)
+        cp_s = cp_bytes / (cp_bw * 1e9)
+        cp_exposed = max(cp_s - attention * square_share(cp_sim, measured, cp), 0.0) if cp > 1 else 0.0
+        layer = compute + tp_bytes / (net.nvlink * 1e9) + cp_exposed
         per_row[name] = {"layer_s": layer, "weight": weight, "compute_s": compute,
-                         "tp_comm_s": tp_bytes / (net.nvlink * 1e9), "cp_comm_s": cp_bytes / (cp_bw * 1e9)}
+                         "tp_comm_s": tp_bytes / (net.nvlink * 1e9), "cp_comm_s": cp_s,
+                         "cp_comm_exposed_s": cp_exposed}
     layer_s = sum(r["layer_s"] * r["weight"] for r in per_row.values())
     fixed = sum(plugin[_layout(n, base_seq, seq)[0]]["fixed_ms"] * w for n, w in mix.items()) / 1e3 * seq / base_seq / (tp * cp)
     micro = layer_s * model.num_layers + fixed
@@ -143,6 +149,17 @@ def cp_efficiency(cp_sim: dict, layout: str, cp: int) -> float:
         return by_cp[lo]
     w = (math.log2(cp) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
     return by_cp[lo] * (1 - w) + by_cp[hi] * w
+
+
+def square_share(cp_sim: dict, layout: str, cp: int) -> float:
+    """The slowest rank's share of attention work in its causal squares (which run while the
+    K/V all-gather is in flight), at the nearest measured CP size; 0 in reports without it."""
+    name = CP_SIM_LAYOUT[layout]
+    rows = [r for r in cp_sim["rows"] if r["layout"] == name and r["backend"] == "cudnn"
+            and "square_share_slowest" in r]
+    if not rows:
+        return 0.0
+    return min(rows, key=lambda r: abs(math.log2(r["cp"]) - math.log2(cp)))["square_share_slowest"]
 
 
 #: ProLong's data per stage as rows (docs/recipe.md): 64K: 60% single documents, 40% packed short

@@ -153,11 +153,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
 
 
-def _resolve(asked: str, q: torch.Tensor, layout: DocumentLayout, cp_size: int) -> str:
+def _resolve(asked: str, q: torch.Tensor, layout: DocumentLayout, cp_size: int,
+             log: bool = True) -> str:
     name = resolve_backend(asked, q.device, layout, cp_size, dtype=q.dtype, head_dim=q.shape[-1])
-    _log_once(logging.INFO, f"attention: kernel {name!r} (asked {asked!r}) for "
-              f"{'one-document' if layout.is_single_document() else 'packed'} rows at CP = "
-              f"{cp_size}" + (": square + rectangle calls" if cp_size > 1 and name in RING_KERNELS else ""))
+    if log:
+        _log_once(logging.INFO, f"attention: kernel {name!r} (asked {asked!r}) for "
+                  f"{'one-document' if layout.is_single_document() else 'packed'} rows at CP = "
+                  f"{cp_size}" + (": square + rectangle calls" if cp_size > 1 and name in RING_KERNELS else ""))
     return name
 
 
@@ -175,7 +177,7 @@ def _agreed_kernel(asked, q, k, layout, split, rank, cfg, scale, group) -> str:
     key = ("kernel", asked, id(group), str(q.device), q.dtype, tuple(q.shape[1:]), k.shape[2])
     if key in layout._cache:
         return layout._cache[key]
-    name = _resolve(asked, q, layout, split.cp_size)
+    name = _resolve(asked, q, layout, split.cp_size, log=rank == 0)
     failed = None
     if name == "cudnn":
         kernel = BACKENDS["cudnn"].for_config(cfg)

@@ -4,7 +4,7 @@ launch per call: at CP = 1 the documents, under CP the square and rectangle call
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
