@@ -182,7 +182,8 @@ def test_recall_tool_end_to_end(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**env, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["tasks"]) == set(TASKS)
+    assert set(results["tasks"]) == set(TASKS) and results["scale"] == "percent (0-100)"
+    assert f"wrote {tmp_path / 'out' / 'results.json'}" in res.stdout
     for cells in results["tasks"].values():
         assert set(cells) == {"2048", "3072"}
         for cell in cells.values():
