@@ -110,7 +110,8 @@ class EvalConfig:
     """Long-context evaluation during training (megatron_prolong.eval.in_training)."""
 
     every: int = 0  # steps between evaluations; 0: off
-    tasks: list[str] = field(default_factory=lambda: ["json_kv", "ruler_mk2"])  # recall tasks (eval.tasks.TASKS)
+    # recall tasks (eval/tasks.py TASKS); empty: json_kv and ruler_mk2, those that fit the shortest length
+    tasks: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # target lengths; empty: data.seq_length
     samples: int = 4  # per task and length
     data: str | None = None  # held-out documents (jsonl or MDS) for the position-wise loss; None: skip it

@@ -92,6 +92,14 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     raise ValueError(f"tokenizer.kind={cfg.kind!r} is unknown; use 'byte' or 'hf'")
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt as the model sees it, with the tokenizer's special tokens: a Hugging Face tokenizer
+    adds its own (Llama-3: BOS), as HELMET's and Hugging Face's pipelines do; the byte tokenizer gets
+    BOS, as every training document starts with it (data/synthetic.py, data/prepare.py)."""
+    hf = getattr(tokenizer, "hf", None)
+    return list(hf(text)["input_ids"]) if hf is not None else [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
 def as_id_list(value: int | list[int] | None) -> list[int]:
     """A config's ``eos_token_id`` (absent, one id or a list) as a list."""
     if value is None:

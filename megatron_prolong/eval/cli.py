@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="greedy generation with a KV cache",
                        description="Each input JSON line has input_ids (optional indices: generation continues "
                                    "the last document) or prompt (tokenized with the checkpoint's tokenizer, "
-                                   "its special tokens added); each output line adds output_ids (greedy, ending "
+                                   "its special tokens added: BOS for Llama-3 and for the byte tokenizer); each "
+                                   "output line adds output_ids (greedy, ending "
                                    "at an EOS id), output_logprobs and text.")
     _model_args(g)
     g.add_argument("--input", required=True)
@@ -46,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "generation_config.json's eos_token_id)")
 
     r = sub.add_parser("recall", help="synthetic recall suite (JSON KV, RULER) scored as HELMET does",
-                       description="Generates each task with the checkpoint's tokenizer at each length, decodes "
-                                   "greedily and writes OUT/results.json (task x length x depth), "
-                                   "OUT/samples.jsonl and OUT/recall_heatmap.png.")
+                       description="Generates each task with the checkpoint's tokenizer at each length (each "
+                                   "sample within one haystack step below it; lengths below a task's minimum are "
+                                   "refused), decodes greedily and writes OUT/results.json (task x length x depth, "
+                                   "scores in percent), OUT/samples.jsonl and OUT/recall_heatmap.png.")
     _model_args(r)
     r.add_argument("--tasks", default="json_kv,ruler_mk2,ruler_mk3,ruler_mv,ruler_vt",
                    help="comma-separated: json_kv, ruler_mk2, ruler_mk3, ruler_mv, ruler_vt")

@@ -116,8 +116,9 @@ def generate_file(checkpoint: str | Path, input_path: str | Path, output_path: s
     """Greedy outputs for every line (``input_ids`` or ``prompt``); rank 0 writes ``output_path``."""
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.convert.mcore import megatron_session
-    from megatron_prolong.eval.model import encode_prompt, eos_ids, load_eval_model, load_tokenizer
+    from megatron_prolong.eval.model import eos_ids, load_eval_model, load_tokenizer
     from megatron_prolong.eval.rows import map_rows, read_lines, write_rows
+    from megatron_prolong.tokenizer import encode_prompt
 
     if max_new_tokens < 1:
         raise EvalInputError(f"--max-new-tokens={max_new_tokens} must be at least 1")

@@ -1,8 +1,9 @@
 """``eval.every=N``: a small recall suite and the position-wise loss during training, on the
 training ranks and layout (the live model, TP/CP as trained, data-parallel ranks splitting the
-samples), logged as ``eval/<task>/<length>``, ``eval/position_loss/<bucket start>`` and
-``eval/seconds``. Samples and held-out sequences are built once, before the first step, so bad
-settings fail before any training."""
+samples), logged as ``eval/<task>/<length>`` (percent, 0-100), ``eval/position_loss/<bucket
+start>`` and ``eval/seconds``. The tasks and lengths are decided and checked with the configuration
+(:mod:`megatron_prolong.eval.settings`); samples and held-out sequences are built once, before the
+first step."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import torch
 
 from megatron_prolong.config import ConfigError
 from megatron_prolong.eval.generate import Generator
-from megatron_prolong.eval.model import encode_prompt
 from megatron_prolong.eval.position_loss import position_loss, read_sequences
-from megatron_prolong.eval.recall import build_samples, read_haystack, run_recall
+from megatron_prolong.eval.recall import run_recall
 from megatron_prolong.eval.rows import EvalInputError
-from megatron_prolong.tokenizer import build_tokenizer
+from megatron_prolong.eval.samples import build_samples, read_haystack
+from megatron_prolong.eval.settings import plan_training_eval
+from megatron_prolong.tokenizer import build_tokenizer, encode_prompt
 
 
 class TrainingEval:
@@ -27,22 +29,22 @@ class TrainingEval:
         self.every = cfg.eval.every
         if not self.every:
             return
-        if trainer.backend != "plugin":
-            raise ConfigError("eval.every needs model.attention_backend=plugin (generation keeps its KV cache in "
-                              "the plugin's core attention); set it, or eval.every=0")
-        if cfg.parallel.pp > 1:
-            raise ConfigError("eval.every does not support pipeline parallelism (parallel.pp > 1) yet; set eval.every=0")
         self.trainer = trainer
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         self.max_length = cfg.data.seq_length
+        # The same decision as at config time (check_training_eval), where bad settings already stopped.
+        plan = plan_training_eval(cfg, self.tokenizer)
         encode = lambda text: encode_prompt(self.tokenizer, text)  # noqa: E731
         try:
             haystack, _ = read_haystack(cfg.eval.haystack_file)
-            self.samples = build_samples(cfg.eval.tasks, cfg.eval.lengths or [self.max_length], cfg.eval.samples,
-                                         encode, cfg.eval.seed, haystack, self.max_length)
+            self.samples = build_samples(plan.tasks, plan.lengths, cfg.eval.samples, encode, cfg.eval.seed,
+                                         haystack, self.max_length)
             self.rows = read_sequences(cfg.eval.data, encode, cfg.eval.max_sequences) if cfg.eval.data else []
         except EvalInputError as err:
             raise ConfigError(f"eval: {err}") from None
+        left_out = "".join(f"; {t} left out (needs {m} tokens)" for t, m in plan.left_out.items())
+        trainer._log(f"eval every {self.every} steps: {', '.join(plan.tasks)} at {', '.join(map(str, plan.lengths))} "
+                     f"tokens, {cfg.eval.samples} samples each (scores in percent){left_out}")
 
     def __call__(self, step: int) -> dict:
         if not self.every or step % self.every:

@@ -63,13 +63,6 @@ def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
     return HFTokenizer(str(folder))
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """A prompt as the model sees it: a Hugging Face tokenizer adds its special tokens (Llama-3: BOS),
-    as HELMET's and Hugging Face's own pipelines do."""
-    hf = getattr(tokenizer, "hf", None)
-    return list(hf(text)["input_ids"]) if hf is not None else tokenizer.encode(text)
-
-
 def eos_ids(checkpoint: str | Path, tokenizer: Tokenizer) -> list[int]:
     """Every id that ends generation: the tokenizer's (its EOS and its folder's generation_config.json),
     the checkpoint's record and its own generation_config.json (e.g. Llama-3-Instruct's

@@ -117,7 +117,8 @@ def position_loss_main(checkpoint: str | Path, data: str | Path, out: str | Path
     """``eval_long.py position-loss``: OUT/position_loss.json and OUT/position_loss.png."""
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.convert.mcore import megatron_session
-    from megatron_prolong.eval.model import encode_prompt, load_eval_model, load_tokenizer
+    from megatron_prolong.eval.model import load_eval_model, load_tokenizer
+    from megatron_prolong.tokenizer import encode_prompt
 
     tokenizer = load_tokenizer(checkpoint)
     rows = read_sequences(data, lambda t: encode_prompt(tokenizer, t), max_sequences)
@@ -135,6 +136,7 @@ def position_loss_main(checkpoint: str | Path, data: str | Path, out: str | Path
             plot(result, out / "position_loss.png")
             for x in result["buckets"]:
                 print(f"positions [{x['start']:>7}, {x['end']:>7}): loss {x['loss']:.4f} ({x['tokens']} tokens)")
+            print(f"[position-loss] wrote {out / 'position_loss.json'}, {out / 'position_loss.png'}")
         if dist.is_initialized():
             dist.barrier()
     return result

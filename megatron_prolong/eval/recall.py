@@ -3,7 +3,6 @@ HELMET does, and report by task x length x needle depth (JSON, console table, he
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import defaultdict
@@ -14,20 +13,11 @@ import torch.distributed as dist
 
 from megatron_prolong.eval.generate import Generator
 from megatron_prolong.eval.metrics import qa_metrics, ruler_recall
-from megatron_prolong.eval.rows import EvalInputError, map_rows
-from megatron_prolong.eval.tasks import Sample, check_tasks, make_samples
+from megatron_prolong.eval.rows import map_rows
+from megatron_prolong.eval.samples import Sample, build_samples, check_tasks, read_haystack
 
-
-def read_haystack(path: str | Path | None) -> tuple[str | None, dict | None]:
-    """The user's prose for ruler_mv and what to record about it (path, size, SHA-256)."""
-    if not path:
-        return None, None
-    p = Path(path)
-    if not p.is_file():
-        raise EvalInputError(f"--haystack-file {p} does not exist; give a plain-text prose file (e.g. essays)")
-    text = p.read_text(errors="replace")
-    return text, {"path": str(p.resolve()), "words": len(text.split()),
-                  "sha256": hashlib.sha256(text.encode()).hexdigest()}
+#: what every score (cell, depth, sample) is: HELMET's metrics times 100
+SCALE = "percent (0-100)"
 
 
 def score_sample(sample: Sample, text: str) -> float:
@@ -36,18 +26,6 @@ def score_sample(sample: Sample, text: str) -> float:
     if sample.task == "json_kv":
         return 100.0 * qa_metrics(prediction, sample.answers, sample.answer_prefix)["substring_exact_match"]
     return 100.0 * ruler_recall(prediction, sample.answers)
-
-
-def build_samples(tasks: Sequence[str], lengths: Sequence[int], num: int, encode: Callable[[str], list[int]],
-                  seed: int, haystack_text: str | None, max_length: int) -> list[Sample]:
-    """Every sample, or a clear error before any generation (unknown task, a length the model cannot take)."""
-    check_tasks(list(tasks), haystack_text)
-    too_long = [n for n in lengths if n > max_length]
-    if too_long:
-        raise EvalInputError(
-            f"length(s) {', '.join(map(str, too_long))} exceed the model's length {max_length} (its trained "
-            "seq_length); drop them or pass --max-length to evaluate beyond the trained length on purpose")
-    return [s for task in tasks for n in lengths for s in make_samples(task, n, num, encode, seed, haystack_text)]
 
 
 def run_recall(gen: Generator, decode: Callable[[list[int]], str], samples: list[Sample], topo,
@@ -82,10 +60,11 @@ def summarize(samples: list[Sample], outputs: dict[int, dict], seconds: float) -
         depths = {str(d): sum(v) / len(v) for (t, n, d), v in sorted(by_depth.items()) if t == task and n == length}
         tasks[task][str(length)] = {"score": sum(scores) / len(scores), "n": len(scores), "by_depth": depths}
     per_sample = [{"task": s.task, "length": s.length, "index": s.index, "depth": s.depth,
-                   "prompt_tokens": len(s.input_ids), "answers": s.answers, **outputs[k]}
+                   "prompt_tokens": len(s.input_ids), "haystack_units": s.units, "answers": s.answers, **outputs[k]}
                   for k, s in enumerate(samples)]
-    return {"tasks": dict(tasks), "metric": {t: "substring_exact_match" if t == "json_kv" else "ruler_recall"
-                                             for t in tasks}, "seconds": seconds, "samples": per_sample}
+    return {"tasks": dict(tasks), "scale": SCALE,
+            "metric": {t: "substring_exact_match" if t == "json_kv" else "ruler_recall" for t in tasks},
+            "seconds": seconds, "samples": per_sample}
 
 
 def table(results: dict) -> str:
@@ -140,7 +119,8 @@ def recall_main(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[
     """``eval_long.py recall``: results.json, samples.jsonl, recall_heatmap.png under ``out``."""
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.convert.mcore import megatron_session, read_checkpoint
-    from megatron_prolong.eval.model import encode_prompt, eos_ids, load_eval_model, load_tokenizer
+    from megatron_prolong.eval.model import eos_ids, load_eval_model, load_tokenizer
+    from megatron_prolong.tokenizer import encode_prompt
 
     haystack_text, haystack_info = read_haystack(haystack_file)
     check_tasks(list(tasks), haystack_text)
@@ -155,15 +135,17 @@ def recall_main(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[
         log = print if topo.rank == 0 else (lambda msg: None)
         results = run_recall(gen, tokenizer.decode, samples, topo, log)
         if topo.rank == 0:
-            write_results(results, out, {"checkpoint": str(checkpoint), "seed": seed, "samples_per_cell": num,
-                                         "haystack_file": haystack_info})
+            written = write_results(results, out, {"checkpoint": str(checkpoint), "seed": seed,
+                                                   "samples_per_cell": num, "haystack_file": haystack_info})
             print(table(results))
+            print("[recall] scores in percent (0-100); wrote " + ", ".join(map(str, written)))
         if dist.is_initialized():
             dist.barrier()
     return results
 
 
-def write_results(results: dict, out: str | Path, info: dict) -> None:
+def write_results(results: dict, out: str | Path, info: dict) -> list[Path]:
+    """OUT/results.json, OUT/samples.jsonl and OUT/recall_heatmap.png; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as f:
@@ -172,3 +154,4 @@ def write_results(results: dict, out: str | Path, info: dict) -> None:
     summary = {k: v for k, v in results.items() if k != "samples"}
     (out / "results.json").write_text(json.dumps({**info, **summary}, indent=2))
     heatmap(results, out / "recall_heatmap.png")
+    return [out / "results.json", out / "samples.jsonl", out / "recall_heatmap.png"]

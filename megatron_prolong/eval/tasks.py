@@ -1,6 +1,8 @@
 """The synthetic recall tasks, generated locally with the checkpoint's tokenizer, in the formats
 HELMET runs them (princeton-nlp/HELMET ``data.py``: ``load_json_kv``, ``load_ruler``; the RULER
 tasks as NVIDIA RULER's ``scripts/data/synthetic/niah.py`` and ``variable_tracking.py`` build them).
+Where RULER's text and HELMET's differ, HELMET's ``data.py`` templates are followed: the ProLong
+paper's numbers come from them.
 
 - ``json_kv``: a JSON object of random UUID4 keys and values; 2 demonstrations from the object;
   the model names the value of one key (``substring_exact_match``).
@@ -12,10 +14,10 @@ tasks as NVIDIA RULER's ``scripts/data/synthetic/niah.py`` and ``variable_tracki
 - ``ruler_vt``: RULER variable tracking: one chain of 5 variables (4 hops) in a noise haystack,
   after a short worked example (``ruler_recall``).
 
-Needles go at one of 40 uniform depths (0-100 %), at sentence (line, key) boundaries; each
-sample's haystack size is found by search so that the prompt plus the generation budget fits
-the target length (within 2 % below it). A sample is a pure function of (seed, task, length,
-index): the same seed gives the same prompts.
+Needles go at one of 40 uniform depths (0-100 %), at sentence (line, key) boundaries. A prompt is
+a pure function of (seed, task, sample index, depth, haystack size): :func:`render`. Its random
+content does not depend on the target length, so a task's smallest sample (``MIN_UNITS``) is the
+same at every length; :mod:`megatron_prolong.eval.samples` picks the haystack size per length.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ import random
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-
-from megatron_prolong.eval.rows import EvalInputError
 
 TASKS = ("json_kv", "ruler_mk2", "ruler_mk3", "ruler_mv", "ruler_vt")
 #: generation budget per task, HELMET's ``generation_max_length``: configs/recall.yaml (ruler_niah_mk_2 50,
@@ -35,8 +34,12 @@ TASKS = ("json_kv", "ruler_mk2", "ruler_mk3", "ruler_mv", "ruler_vt")
 MAX_NEW_TOKENS = {"json_kv": 100, "ruler_mk2": 50, "ruler_mk3": 100, "ruler_mv": 50, "ruler_vt": 50}
 #: RULER's needle depths: 40 points from 0 to 100 %
 DEPTHS = [round(100 * i / 39) for i in range(40)]
-#: lengths must land within this fraction below the target
-LENGTH_TOLERANCE = 0.02
+#: the smallest haystack of each task, in its units (UNITS): json_kv needs the queried pair and 2
+#: others for the demonstrations; variable tracking's 5 chain lines go between noise lines
+MIN_UNITS = {"json_kv": 3, "ruler_mk2": 1, "ruler_mk3": 1, "ruler_mv": 1, "ruler_vt": 5}
+#: one haystack step of each task: a sample lands less than one of these below its target length
+UNITS = {"json_kv": "key-value pair", "ruler_mk2": "distractor needle", "ruler_mk3": "distractor needle",
+         "ruler_mv": "essay word", "ruler_vt": "noise line"}
 
 _NEEDLE = "One of the special magic {type} for {key} is: {value}."
 _NIAH = ("A special magic {type} is hidden within the following text. Make sure to memorize it. I will quiz you "
@@ -51,9 +54,9 @@ _KV = "{context}\n\nExtract the value corresponding to the specified key in the 
 _KV_PREFIX = "Corresponding value:"
 _VT = ("{example}Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
        "Question: Find all variables that are assigned the value {query} in the text above.")
-# "assgined" is RULER's spelling (scripts/data/synthetic/constants.py), kept so prompts equal its data files.
+# HELMET's load_ruler spells "assigned"; RULER's constants.py read "assgined" until 2025.
 _VT_PREFIX = ("Answer: According to the chain(s) of variable assignment in the text above, {num} variables are "
-              "assgined the value {query}, they are:")
+              "assigned the value {query}, they are:")
 _NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 
 # RULER draws word keys as adjective-noun pairs (wonderwords' lists); these 100 x 100 common words
@@ -70,19 +73,6 @@ cotton crayon crown curtain desert diamond dragon drum eagle engine falcon feath
 fountain garden giraffe glacier guitar hammer harbor helmet honey island jacket jungle kettle kitten ladder lantern
 lemon library lizard magnet maple marble meadow mirror monkey mountain needle ocean orange otter palace parrot
 pebble pencil pepper piano pillow planet pocket pumpkin rabbit radio river rocket saddle sailor""".split()
-
-
-@dataclass
-class Sample:
-    task: str
-    length: int  # target: prompt + generation budget
-    index: int
-    depth: int  # percent, of the (first) queried needle
-    prompt: str
-    input_ids: list[int]
-    answers: list[str]
-    answer_prefix: str
-    max_new_tokens: int
 
 
 def _uuid(rng: random.Random) -> str:
@@ -134,12 +124,6 @@ def _sentences(text: str) -> list[str]:
 
 
 def _multivalue(rng: random.Random, units: int, depth: int, haystack: list[str] | None):
-    if haystack is None:
-        raise EvalInputError("ruler_mv needs an essay haystack: pass --haystack-file PROSE.txt (eval.haystack_file)")
-    if units > len(haystack):
-        raise EvalInputError(
-            f"the haystack file has {len(haystack)} words, fewer than this length needs ({units}+); give a longer "
-            "prose file")
     key = _word(rng)
     values = [_number(rng) for _ in range(4)]
     needles = [_NEEDLE.format(type="numbers", key=key, value=v) for v in values]
@@ -164,7 +148,6 @@ def _vt_text(rng: random.Random, units: int, depth: int, example: str) -> tuple[
             names.append(name)
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(4)]
-    units = max(units, 5)
     first = min(_at(units, depth), units - 4)
     positions = [first] + sorted(rng.sample(range(first + 1, units + 1), 4))
     sentences = [_NOISE] * units
@@ -190,60 +173,16 @@ _BUILDERS = {
 }
 
 
-def check_tasks(tasks: list[str], haystack_text: str | None) -> None:
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise EvalInputError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    if "ruler_mv" in tasks and not haystack_text:
-        raise EvalInputError("ruler_mv needs an essay haystack: pass --haystack-file PROSE.txt (eval.haystack_file)")
+def haystack_words(text: str | None) -> list[str] | None:
+    """ruler_mv's essay as words (RULER's ``re.sub(r'\\s+', " ", essay).split(" ")``)."""
+    return re.sub(r"\s+", " ", text).strip().split(" ") if text else None
 
 
-def make_samples(task: str, length: int, num: int, encode: Callable[[str], list[int]], seed: int,
-                 haystack_text: str | None = None) -> list[Sample]:
-    """``num`` samples of ``task`` whose prompt + generation budget is within 2 % below ``length`` tokens."""
-    check_tasks([task], haystack_text)
-    build = _BUILDERS[task]
-    budget = MAX_NEW_TOKENS[task]
-    haystack = re.sub(r"\s+", " ", haystack_text).strip().split(" ") if haystack_text else None
-    out = []
-    guess = None
-    for i in range(num):
-        depth = DEPTHS[(i * len(DEPTHS)) // num] if num < len(DEPTHS) else DEPTHS[i % len(DEPTHS)]
-
-        def tokens(units: int) -> tuple[int, tuple]:
-            made = build(random.Random(f"{seed}:{task}:{length}:{i}"), units, depth, haystack)
-            ids = encode(made[0])
-            return len(ids) + budget, (made, ids)
-
-        units, (made, ids) = _fit(tokens, length, guess, task)
-        guess = units
-        out.append(Sample(task, length, i, depth, made[0], ids, made[1], made[2], budget))
-    return out
-
-
-def _fit(tokens: Callable[[int], tuple[int, tuple]], length: int, guess: int | None, task: str):
-    """The largest haystack size whose sample fits ``length``; lengths grow with the size, so a
-    bracketing search (from the previous sample's size) finds it in a few tokenizations."""
-    lo, hi = 0, None
-    n = guess or 16
-    best = None
-    while hi is None or hi - lo > 1:
-        size, made = tokens(n)
-        if size <= length:
-            lo, best = n, (n, made, size)
-        else:
-            hi = n
-        if hi is None:
-            n = max(2 * n, n + 1) if size * 2 < length else max(n + 1, int(n * length / size))
-        elif lo == 0:  # the first guess was too long: scale it down rather than halve
-            n = min(hi - 1, max(1, int(hi * length / size) - 1))
-            if hi <= 1:
-                break
-        else:
-            n = (lo + hi) // 2
-    if best is None or best[2] < (1 - LENGTH_TOLERANCE) * length:
-        got = best[2] if best else tokens(1)[0]
-        raise EvalInputError(
-            f"{task}: cannot build a sample of {length} tokens (closest {got}); the length is too short for the "
-            "task's instructions, or its haystack steps are too coarse")
-    return best[0], best[1]
+def render(task: str, seed: int, index: int, depth: int, units: int,
+           words: list[str] | None = None) -> tuple[str, list[str], str]:
+    """(prompt, answers, answer prefix) of sample ``index`` of ``task``: its needle at ``depth``
+    percent of a haystack of ``units`` (at least ``MIN_UNITS[task]``; ruler_mv: at most
+    ``len(words)``)."""
+    if units < MIN_UNITS[task] or (task == "ruler_mv" and (not words or units > len(words))):
+        raise ValueError(f"{task}: a haystack of {units} units is out of range")
+    return _BUILDERS[task](random.Random(f"{seed}:{task}:{index}"), units, depth, words)

@@ -45,6 +45,10 @@ def main(raw: DictConfig) -> None:
     try:
         validate(cfg, world_size_from_env())
         check_memory(cfg, world_size_from_env())
+        if cfg.eval.every:
+            from megatron_prolong.eval.settings import check_training_eval
+
+            check_training_eval(cfg)
     except ConfigError as err:
         print(f"megatron-prolong: invalid configuration: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

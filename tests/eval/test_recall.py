@@ -1,5 +1,6 @@
 """Recall suite: HELMET's metrics on known outputs, the task generators (exact formats, determinism,
-lengths within 2 % with the real Llama-3 tokenizer, needle depths) and an end-to-end run."""
+needle depths, with the real Llama-3 tokenizer) and an end-to-end run. Sample lengths at every
+length: tests/eval/test_lengths.py."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pytest
 from eval_helpers import llama3_checkpoint, llama3_tokenizer, prose
 
 from megatron_prolong.eval.metrics import normalize_answer, parse_output, qa_metrics, ruler_recall
-from megatron_prolong.eval.model import encode_prompt
 from megatron_prolong.eval.recall import score_sample
 from megatron_prolong.eval.rows import EvalInputError
-from megatron_prolong.eval.tasks import DEPTHS, MAX_NEW_TOKENS, TASKS, make_samples
+from megatron_prolong.eval.samples import make_samples
+from megatron_prolong.eval.tasks import DEPTHS, MAX_NEW_TOKENS, TASKS
+from megatron_prolong.tokenizer import encode_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,8 +81,7 @@ def test_samples_fit_length_deterministic_and_placed(task, encode):
         assert [s.prompt for s in a] == [s.prompt for s in b]
         assert [s.prompt for s in a] != [s.prompt for s in c]
         for s in a:
-            total = len(encode(s.prompt)) + s.max_new_tokens
-            assert 0.98 * length <= total <= length, (task, length, total)
+            assert s.input_ids == encode(s.prompt) and len(s.input_ids) + s.max_new_tokens <= length
             assert s.input_ids[0] == 128000  # Llama-3's BOS, as HF's tokenizer adds it
             assert s.prompt.endswith("\n" + s.answer_prefix)
             assert all(ans in s.prompt for ans in s.answers)
@@ -141,8 +142,11 @@ def test_formats_exactly_as_helmet(encode):
     vt = make_samples("ruler_vt", 4096, 1, encode, seed=0)[0]
     value = vt.answer_prefix.split("the value ")[1].split(",")[0]
     assert re.fullmatch("[0-9]{5}", value)
+    # HELMET's data.py (load_ruler, "vt"): the question and the answer prefix both read "assigned"
+    # (RULER's constants.py spelled the prefix "assgined" until 2025; HELMET's text is the reference).
     assert vt.answer_prefix == ("Answer: According to the chain(s) of variable assignment in the text above, 5 "
-                                f"variables are assgined the value {value}, they are:")  # RULER's spelling
+                                f"variables are assigned the value {value}, they are:")
+    assert "assgined" not in vt.prompt
     assert vt.prompt.endswith(f"\nQuestion: Find all variables that are assigned the value {value} in the text "
                               "above.\n" + vt.answer_prefix)
     task = vt.prompt.rsplit("Memorize and track the chain(s) of variable assignment hidden in the following "
@@ -160,11 +164,11 @@ def test_formats_exactly_as_helmet(encode):
 def test_bad_requests_are_refused(encode):
     with pytest.raises(EvalInputError, match="--haystack-file"):
         make_samples("ruler_mv", 4096, 1, encode, seed=0)
-    with pytest.raises(EvalInputError, match="fewer than this length needs"):
+    with pytest.raises(EvalInputError, match="words all fit in 8192 tokens; give a longer prose file"):
         make_samples("ruler_mv", 8192, 1, encode, seed=0, haystack_text=prose(500))
     with pytest.raises(EvalInputError, match="unknown task"):
         make_samples("niah_x", 4096, 1, encode, seed=0)
-    with pytest.raises(EvalInputError, match="too short"):
+    with pytest.raises(EvalInputError, match="json_kv: 100 tokens is below the task's minimum"):
         make_samples("json_kv", 100, 1, encode, seed=0)
 
 
@@ -178,7 +182,8 @@ def test_recall_tool_end_to_end(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**env, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["tasks"]) == set(TASKS)
+    assert set(results["tasks"]) == set(TASKS) and results["scale"] == "percent (0-100)"
+    assert f"wrote {tmp_path / 'out' / 'results.json'}" in res.stdout
     for cells in results["tasks"].values():
         assert set(cells) == {"2048", "3072"}
         for cell in cells.values():

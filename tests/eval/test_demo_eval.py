@@ -1,0 +1,71 @@
+"""The README's evaluation example on the demo, run exactly as printed (in a scratch folder that
+sees the repository's tools/, so outputs/demo is the demo its first command trains), and
+``generate`` on that checkpoint: ``prompt`` lines get the byte tokenizer's BOS, as its help says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_prolong.eval.tasks import MAX_NEW_TOKENS
+
+REPO = Path(__file__).resolve().parents[2]
+MARK = "On the demo (byte tokenizer"  # the README paragraph before the example
+
+
+def readme_demo_block() -> str:
+    text = (REPO / "README.md").read_text()
+    return text[text.index(MARK):].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(scratch folder, output) after running the README's demo block with bash, `python` the test's."""
+    root = tmp_path_factory.mktemp("readme")
+    (root / "tools").symlink_to(REPO / "tools")
+    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
+    res = subprocess.run(["bash", "-e", "-c", readme_demo_block()], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=1500)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    return root, res.stdout
+
+
+def test_readme_demo_example_runs_as_printed(demo):
+    root, stdout = demo
+    commands = re.sub(r"\\\n\s*", " ", readme_demo_block())
+    assert "recall --checkpoint outputs/demo" in commands and "--lengths 1024,2048" in commands
+    results = json.loads((root / "outputs/demo/recall/results.json").read_text())
+    assert results["scale"] == "percent (0-100)"
+    assert set(results["tasks"]) == {"json_kv", "ruler_mk2", "ruler_mk3"}
+    for cells in results["tasks"].values():
+        assert set(cells) == {"1024", "2048"} and all(0 <= c["score"] <= 100 for c in cells.values())
+    rows = [json.loads(x) for x in (root / "outputs/demo/recall/samples.jsonl").read_text().splitlines()]
+    # Every sample at most its length, within one haystack step: in bytes a JSON pair, the longest
+    # multi-key 2 needle line (6-letter adjective, 8-letter noun), a multi-key 3 line.
+    steps = {"json_kv": 80, "ruler_mk2": 66, "ruler_mk3": 114}
+    for r in rows:
+        assert r["length"] - steps[r["task"]] < r["prompt_tokens"] + MAX_NEW_TOKENS[r["task"]] <= r["length"], r
+    # Both tools say where they wrote.
+    for path in ("outputs/demo/recall/results.json", "outputs/demo/recall/recall_heatmap.png",
+                 "outputs/demo/position_loss/position_loss.json", "outputs/demo/position_loss/position_loss.png"):
+        assert path in stdout and (root / path).is_file(), path
+
+
+def test_generate_prompt_lines_get_the_byte_tokenizers_bos(demo, tmp_path):
+    from megatron_prolong.eval.generate import generate_file
+    from megatron_prolong.tokenizer import ByteTokenizer
+
+    root, _ = demo
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "The river"}) + "\n")
+    generate_file(root / "outputs/demo", tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=4)
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["input_ids"] == [ByteTokenizer.bos_id, *b"The river"]
+    assert len(row["output_ids"]) <= 4 and isinstance(row["text"], str)
