@@ -57,7 +57,7 @@ def _args(argv):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--backend", default="auto", help="torchrun mode")
-    p.add_argument("--split", default="balanced", choices=("balanced", "zigzag"))
+    p.add_argument("--split", default="balanced", choices=("balanced", "spread", "zigzag"))
     p.add_argument("--simulate", default="", help="CP sizes to simulate on one GPU, e.g. 2,8")
     p.add_argument("--backends", default="cudnn,flex", help="simulate mode: kernels to time")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="simulate mode")
@@ -100,8 +100,11 @@ def simulate(args) -> dict:
             def step(cp, r, split):
                 qq = split.shard(q.transpose(0, 1), r).transpose(0, 1).detach().requires_grad_()
                 kk, vv = k.detach().requires_grad_(), v.detach().requires_grad_()
-                return lambda: attend_gathered(qq, kk, vv, layout, split=split, cp_rank=r,
-                                               config=cfg).float().square().mean().backward()
+                # autograd.grad, not backward: no accumulation into the whole K/V's .grad, which
+                # a real rank (local K/V) does not have
+                return lambda: torch.autograd.grad(attend_gathered(
+                    qq, kk, vv, layout, split=split, cp_rank=r, config=cfg).float().square().mean(),
+                    (qq, kk, vv))
 
             one = split_for(layout, 1)
             try:

@@ -1,5 +1,7 @@
 """Balance of the CP splits on ProLong's layouts: max / mean per-rank causal work (the keys each
-query sees, summed over a rank's queries; 1.0 = every rank the same work), CPU only.
+query sees, summed over a rank's queries; 1.0 = every rank the same work), and the share of the
+busiest rank's work that is against remote keys (rectangles: gathered K/V, small pieces), CPU
+only.
 
     PYTHONPATH=. python tools/cp_balance.py
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 
-from megatron_prolong.attention import DocumentLayout, balance, split_for
+from megatron_prolong.attention import DocumentLayout, balance, pieces, rank_work, split_for
 
 K = 1024
 
@@ -60,20 +62,34 @@ def layouts(random_count: int = 12) -> list[tuple[str, int, list[int]]]:
     return rows
 
 
+def remote_share(layout: DocumentLayout, split) -> float:
+    """Of the busiest rank's causal work, the part against keys before its own run of each
+    document (the rectangles, which need the gathered K/V)."""
+    work = rank_work(layout, split)
+    r = max(range(split.cp_size), key=work.__getitem__)
+    rect = sum((p.q1 - p.q0) * (p.k1 - (p.q1 - p.q0) - p.k0) for p in pieces(layout, split, r))
+    return rect / max(1, work[r])
+
+
 def table(random_count: int = 12) -> list[dict]:
     out = []
     for name, cp, lengths in layouts(random_count):
         layout = DocumentLayout.from_lengths([lengths])
-        out.append({"layout": name, "cp": cp, "docs": len(lengths),
-                    "zigzag": balance(layout, split_for(layout, cp, "zigzag")),
-                    "balanced": balance(layout, split_for(layout, cp, "balanced"))})
+        row = {"layout": name, "cp": cp, "docs": len(lengths)}
+        for method in ("zigzag", "spread", "balanced"):
+            split = split_for(layout, cp, method)
+            row[method] = balance(layout, split)
+            row[f"{method}_remote"] = remote_share(layout, split)
+        out.append(row)
     return out
 
 
 def main() -> None:
-    print("| layout | CP | documents | zigzag | balanced (default) |\n|---|---|---|---|---|")
+    print("| layout | CP | documents | zigzag | spread | balanced (default) | remote work: spread | "
+          "balanced |\n|---|---|---|---|---|---|---|---|")
     for r in table():
-        print(f"| {r['layout']} | {r['cp']} | {r['docs']} | {r['zigzag']:.3f} | {r['balanced']:.3f} |")
+        print(f"| {r['layout']} | {r['cp']} | {r['docs']} | {r['zigzag']:.3f} | {r['spread']:.3f} | "
+              f"{r['balanced']:.3f} | {r['spread_remote']:.2f} | {r['balanced_remote']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ from .dispatch import (
     resolve_backend,
 )
 from .layout import DocumentLayout
-from .split import CPSplit, balance, balanced_split, pieces, rank_work, split_for, zigzag_split
+from .split import (
+    CPSplit, balance, balanced_split, pieces, rank_work, split_for, spread_split, zigzag_split,
+)
 
 __all__ = [
     "AUTO_RULES", "BACKENDS", "AttentionConfig", "CPSplit", "DocumentLayout", "attend_gathered",
     "balance", "balanced_split", "decode_attention", "document_attention", "gather_kv",
-    "pieces", "rank_work", "reshard_zigzag", "resolve_backend", "shard_zigzag", "split_for", "unshard_zigzag",
+    "pieces", "rank_work", "reshard_zigzag", "resolve_backend", "shard_zigzag", "split_for",
+    "spread_split", "unshard_zigzag",
     "zigzag_indices", "zigzag_split",
 ]

@@ -9,18 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KERNELS = ("auto", "reference", "sdpa", "flex", "cudnn")
-CP_SPLITS = ("balanced", "zigzag")
+CP_SPLITS = ("balanced", "spread", "zigzag")
 
 
 @dataclass
 class AttentionConfig:
     #: auto picks per device, layout and CP size (the table in ``dispatch.AUTO_RULES``)
     kernel: str = "auto"
-    #: how query tokens are assigned to CP ranks: ``balanced`` equalises causal work over the
-    #: documents of each row (split.py); ``zigzag`` is chunks r and 2C-1-r of the whole row
+    #: how query tokens are assigned to CP ranks (split.py): ``balanced`` keeps documents whole
+    #: on one rank where the ranks' causal work stays within ``cp_balance_bound`` and spreads
+    #: the rest; ``spread`` spreads every long document over all ranks; ``zigzag`` is chunks r
+    #: and 2C-1-r of the whole row
     cp_split: str = "balanced"
-    #: balanced: a document is cut over all CP ranks when every piece gets at least this many
-    #: tokens (one cuDNN query tile: smaller pieces waste most of their tile) ...
+    #: balanced: the largest max / mean per-rank causal work accepted before documents are
+    #: spread over more ranks (the ``spread`` split is the last resort)
+    cp_balance_bound: float = 1.02
+    #: spread (and balanced's last resort): a document is cut over all CP ranks when every piece
+    #: gets at least this many tokens (one cuDNN query tile: smaller pieces waste most of it) ...
     cp_min_chunk: int = 128
     #: ... or when its causal work exceeds this fraction of one rank's share (a document that
     #: large cannot be placed whole without unbalancing the ranks)
@@ -48,6 +53,9 @@ class AttentionConfig:
                     "cudnn_doc_bucket_min", "cudnn_seq_bucket_min", "cudnn_graph_cache"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{prefix}.{key}={getattr(self, key)} must be >= 1")
+        if not self.cp_balance_bound >= 1:
+            raise ValueError(f"{prefix}.cp_balance_bound={self.cp_balance_bound} must be >= 1 "
+                             "(max / mean per-rank work; 1.02 is the default)")
         if not self.cp_split_work_fraction > 0:
             raise ValueError(
                 f"{prefix}.cp_split_work_fraction={self.cp_split_work_fraction} must be > 0")

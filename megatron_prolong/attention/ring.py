@@ -159,26 +159,24 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: RingPlan, kernel, comm, scale):
         b, hkv = q.shape[1], k.shape[2]
         qf = _flat(q)
-        if comm is None:
+        if comm is None:  # the whole K/V is here already: no copy a real rank would not make
             k_all, v_all = _flat(k), _flat(v)
             kf, vf = k_all.index_select(0, plan.local_natural), v_all.index_select(0, plan.local_natural)
-            gathered = torch.cat([k_all, v_all], dim=1)
-            rect_index = plan.rect_natural
+            gathered = (k_all, v_all)
         else:
             kf, vf = _flat(k), _flat(v)
             gathered = work = None
             if plan.any_rect:
                 gathered, work = comm.gather(torch.cat([kf, vf], dim=1))
-            rect_index = plan.rect_gathered
         o, lse = kernel.partial_forward(plan.square, qf, kf, vf, scale)
         if comm is not None and work is not None:
             work.wait()
         if plan.rect is not None:
-            kr, vr = (gathered[:, sl].index_select(0, rect_index)
-                      for sl in (slice(0, hkv), slice(hkv, None)))
+            kr, vr = _rect_kv(gathered, plan, comm is None, hkv)
             o_r, lse_r = kernel.partial_forward(plan.rect, qf, kr, vr, scale)
             merge_(o, lse, o_r, lse_r, plan.rows)
-        ctx.save_for_backward(qf, kf, vf, o, lse, *(() if plan.rect is None else (gathered,)))
+        keep = () if plan.rect is None else gathered if comm is None else (gathered,)
+        ctx.save_for_backward(qf, kf, vf, o, lse, *keep)
         ctx.plan, ctx.kernel, ctx.comm, ctx.scale, ctx.b = plan, kernel, comm, scale, b
         return _unflat(o, b)
 
@@ -190,10 +188,7 @@ class _RingAttention(torch.autograd.Function):
         dof = _flat(do)
         dq_r = dk_r = dv_r = None
         if plan.rect is not None:
-            gathered = rest[0]
-            index = plan.rect_natural if comm is None else plan.rect_gathered
-            kr, vr = (gathered[:, sl].index_select(0, index)
-                      for sl in (slice(0, hkv), slice(hkv, None)))
+            kr, vr = _rect_kv(tuple(rest) if comm is None else rest[0], plan, comm is None, hkv)
             dq_r, dk_r, dv_r = kernel.partial_backward(plan.rect, qf, kr, vr, o, lse, dof, scale)
         empty = kf.new_zeros((0, hkv, d))
         pending = None
@@ -216,6 +211,15 @@ class _RingAttention(torch.autograd.Function):
             dk, dv = dk + red[:, :hkv], dv + red[:, hkv:]
         b = ctx.b
         return _unflat(dq, b), _unflat(dk, b), _unflat(dv, b), None, None, None, None
+
+
+def _rect_kv(gathered, plan: RingPlan, natural: bool, hkv: int):
+    """The rectangles' keys and values: from the whole K and V in natural order (one rank
+    computed alone), or from the all-gathered ``[k | v]`` stream (rank-major)."""
+    if natural:
+        return (t.index_select(0, plan.rect_natural) for t in gathered)
+    return (gathered[:, sl].index_select(0, plan.rect_gathered)
+            for sl in (slice(0, hkv), slice(hkv, None)))
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,

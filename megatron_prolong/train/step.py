@@ -47,7 +47,9 @@ def prepare_micro_batch(
     loss_mask = mb["loss_mask"].to(device, non_blocking=True)
     split = None
     if cp_size > 1:
-        split = split_for(layout, cp_size, attention.cp_split, min_chunk=attention.cp_min_chunk,
+        split = split_for(layout, cp_size, attention.cp_split,
+                          balance_bound=attention.cp_balance_bound,
+                          min_chunk=attention.cp_min_chunk,
                           work_fraction=attention.cp_split_work_fraction)
         tokens, labels, loss_mask, positions = (split.shard(t, cp_rank) for t in (tokens, labels, loss_mask, positions))
     sample_ids = torch.arange(b, device=device)[:, None].expand_as(tokens)

@@ -11,6 +11,7 @@ from megatron_prolong.attention import (
     DocumentLayout,
     attend_gathered,
     balanced_split,
+    spread_split,
     document_attention,
     resolve_backend,
     zigzag_split,
@@ -31,8 +32,11 @@ def _inputs(b, hq, hkv, seed, requires_grad=True):
 
 
 def _split(layout, cp, kind):
-    # min_chunk 2: the oracle's 64-token rows exercise split documents as well as whole ones
-    return zigzag_split(layout, cp) if kind == "zigzag" else balanced_split(layout, cp, min_chunk=2)
+    # spread with min_chunk 2: the oracle's 64-token rows exercise documents cut over all ranks;
+    # balanced (the default): whole documents, documents spread over a few ranks and cut ones
+    if kind == "zigzag":
+        return zigzag_split(layout, cp)
+    return spread_split(layout, cp, min_chunk=2) if kind == "spread" else balanced_split(layout, cp)
 
 
 def shard(x, split, rank):
@@ -57,7 +61,8 @@ def _run_cp(backend, q, k, v, layout, cp, kind="zigzag", config=None):
 @pytest.mark.parametrize("backend,cp,kind", [
     ("reference", 1, "zigzag"), ("reference", 2, "zigzag"), ("reference", 4, "zigzag"),
     ("reference", 2, "balanced"), ("reference", 4, "balanced"), ("reference", 8, "balanced"),
-    ("sdpa", 1, "zigzag"), ("sdpa", 2, "zigzag"), ("sdpa", 4, "balanced"),
+    ("reference", 2, "spread"), ("reference", 4, "spread"), ("reference", 8, "spread"),
+    ("sdpa", 1, "zigzag"), ("sdpa", 2, "zigzag"), ("sdpa", 4, "balanced"), ("sdpa", 4, "spread"),
 ])
 def test_output_and_grads_match_dense(name, backend, cp, kind):
     rows = LAYOUTS[name]

@@ -38,7 +38,9 @@ def _worker(rank, world, port, backends):
 
 
 def _check(group, backends):
-    from megatron_prolong.attention import DocumentLayout, balanced_split, document_attention, zigzag_split
+    from megatron_prolong.attention import (
+        DocumentLayout, balanced_split, document_attention, spread_split, zigzag_split,
+    )
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if True:
@@ -53,8 +55,8 @@ def _check(group, backends):
             ref = dense_attention(q, k, v, rows)
             go = torch.randn(ref.shape, dtype=torch.float64, generator=g)
             gq, gk, gv = torch.autograd.grad(ref, (q, k, v), go)
-            splits = {"zigzag": zigzag_split(layout, world),
-                      "balanced": balanced_split(layout, world, min_chunk=2)}
+            splits = {"zigzag": zigzag_split(layout, world), "balanced": balanced_split(layout, world),
+                      "spread": spread_split(layout, world, min_chunk=2)}
             for backend, (kind, split) in ((b_, kv) for b_ in backends for kv in splits.items()):
                 mine = lambda t: split.shard(t.transpose(0, 1), rank).transpose(0, 1)
                 ql, kl, vl = (mine(t.detach()).requires_grad_() for t in (q, k, v))
@@ -96,7 +98,7 @@ def _worker_agreement(rank, world, port):
         # all-gather and no reduce-scatter run (they would raise here), and the result is exact
         rows = [[16] * 16]
         layout = DocumentLayout.from_lengths(rows)
-        split = balanced_split(layout, world, min_chunk=1 << 20, work_fraction=1.0)
+        split = balanced_split(layout, world)
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(256, 1, h, 8, dtype=torch.float64, generator=g).requires_grad_()
                    for h in (4, 2, 2))

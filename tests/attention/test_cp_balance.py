@@ -12,7 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from cp_balance import table  # noqa: E402
 
-from megatron_prolong.attention import DocumentLayout, balanced_split, pieces, rank_work, zigzag_split
+from megatron_prolong.attention import (
+    DocumentLayout, balanced_split, pieces, rank_work, spread_split, zigzag_split,
+)
 
 
 def test_balance_table():
@@ -24,8 +26,9 @@ def test_balance_table():
     assert max(r["zigzag"] for r in rows) > 1.5
 
 
+@pytest.mark.parametrize("method", ["balanced", "spread"])
 @pytest.mark.parametrize("seed", range(40))
-def test_split_is_a_partition_with_equal_counts(seed):
+def test_split_is_a_partition_with_equal_counts(seed, method):
     rng = random.Random(seed)
     cp = rng.choice([2, 3, 4, 8])
     s = 2 * cp * rng.randint(1, 40)
@@ -34,7 +37,8 @@ def test_split_is_a_partition_with_equal_counts(seed):
         cuts = sorted(rng.sample(range(1, s), rng.randint(0, min(12, s - 1))))
         rows.append([b - a for a, b in zip([0] + cuts, cuts + [s])])
     layout = DocumentLayout.from_lengths(rows)
-    split = balanced_split(layout, cp, min_chunk=rng.choice([1, 2, 8]))
+    split = (balanced_split(layout, cp, balance_bound=rng.choice([1.0, 1.02, 1.5]))
+             if method == "balanced" else spread_split(layout, cp, min_chunk=rng.choice([1, 2, 8])))
     held = torch.cat([split.indices(r) for r in range(cp)], dim=1)
     assert held.shape == (len(rows), s)  # s / C tokens per rank and row
     for row in held:
@@ -48,7 +52,7 @@ def test_split_is_a_partition_with_equal_counts(seed):
 def test_pieces_state_the_rule():
     """Pieces: each local query sees its document's keys from the document start to itself."""
     layout = DocumentLayout.from_lengths([[5, 20, 3, 36], [64]])
-    for split in (zigzag_split(layout, 4), balanced_split(layout, 4, min_chunk=2)):
+    for split in (zigzag_split(layout, 4), balanced_split(layout, 4), spread_split(layout, 4, min_chunk=2)):
         for r in range(4):
             idx = split.indices(r)
             starts = layout.doc_start()

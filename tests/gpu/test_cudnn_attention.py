@@ -15,7 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_prolong.attention import DocumentLayout, attend_gathered, balanced_split, zigzag_split
+from megatron_prolong.attention import (
+    DocumentLayout, attend_gathered, balanced_split, spread_split, zigzag_split,
+)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -31,8 +33,10 @@ TOL = 1e-2
 
 def _run(backend, rows, cp, kind, q, k, v, go):
     layout = DocumentLayout.from_lengths(rows, device="cuda")
-    split = zigzag_split(layout, cp) if kind == "zigzag" else balanced_split(
-        layout, cp, min_chunk=64 if kind == "balanced" else 1 << 20, work_fraction=1.0)
+    split = {"zigzag": lambda: zigzag_split(layout, cp),
+             "balanced": lambda: balanced_split(layout, cp),
+             "spread": lambda: spread_split(layout, cp, min_chunk=64, work_fraction=1.0),
+             "whole": lambda: spread_split(layout, cp, min_chunk=1 << 20, work_fraction=1.0)}[kind]()
     qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
     outs = [attend_gathered(split.shard(qq.transpose(0, 1), r).transpose(0, 1), kk, vv, layout,
                             split=split, cp_rank=r, backend=backend) for r in range(cp)]
@@ -45,7 +49,8 @@ def _run(backend, rows, cp, kind, q, k, v, go):
 
 @pytest.mark.parametrize("name", sorted(ROWS))
 @pytest.mark.parametrize("cp,kind", [(1, "zigzag"), (2, "zigzag"), (2, "balanced"), (4, "balanced"),
-                                     (8, "balanced"), (4, "whole")])
+                                     (8, "balanced"), (2, "spread"), (4, "spread"), (8, "spread"),
+                                     (4, "whole")])
 def test_cudnn_matches_reference(name, cp, kind):
     from megatron_prolong.attention.backends import cudnn_thd
 

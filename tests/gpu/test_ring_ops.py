@@ -50,6 +50,8 @@ def test_add_rows_and_gather_sum_match_torch():
     table = torch.randint(-1, 700, (600, 3), device="cuda", generator=g, dtype=torch.int32)
     out = torch.empty(600, 16, 128, device="cuda", dtype=torch.bfloat16)  # write into half of it
     gather_sum(out[:, 8:], src, table)
-    ref = torch.empty(600, 16, 128, dtype=torch.bfloat16)
-    gather_sum(ref[:, 8:], src.cpu(), table.cpu())
-    assert torch.allclose(out[:, 8:].float().cpu(), ref[:, 8:].float(), atol=2e-2)
+    # the reference sums in float32 and rounds once, as the kernel does (a bf16 sum of up to 3
+    # terms rounds after each addition: up to one bf16 step apart at |x| ~ 4)
+    ref = torch.empty(600, 8, 128, dtype=torch.float32)
+    gather_sum(ref, src.float().cpu(), table.cpu())
+    torch.testing.assert_close(out[:, 8:].float().cpu(), ref, rtol=4e-3, atol=1e-6)

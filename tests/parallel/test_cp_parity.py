@@ -1,14 +1,15 @@
-"""The work-balanced CP split in the trainer: per-step losses AND gradient norms at CP = 2 and 4
+"""The ``spread`` CP split in the trainer: per-step losses AND gradient norms at CP = 2 and 4
 (and CP = 2 with TP = 2 and sequence parallelism) equal the single process's, float32, 1e-4
-relative. ``cp_min_chunk=4`` makes the split cut documents of these 256-token rows over the
-ranks, not only place them whole, so both paths of the split run."""
+relative. ``cp_min_chunk=4`` makes it cut the documents of these 256-token rows over all ranks,
+not only place them whole, so both paths of the split run. The default ``balanced`` split runs in
+tests/parallel/test_layouts.py (CP 2, CP 4, TP 2 x CP 2)."""
 
 from __future__ import annotations
 
 import pytest
 from trainrun import PARITY, assert_losses_close
 
-SPLIT = ("model.attention.cp_split=balanced", "model.attention.cp_min_chunk=4")
+SPLIT = ("model.attention.cp_split=spread", "model.attention.cp_min_chunk=4")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def baseline(tmp_path_factory):
     (("parallel.cp=4",), 4),
     (("parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"), 4),
 ], ids=["cp2", "cp4", "tp2-cp2-sp"])
-def test_balanced_split_matches_single_process(baseline, run_training, layout, nproc):
+def test_spread_split_matches_single_process(baseline, run_training, layout, nproc):
     run = run_training(*PARITY, *SPLIT, *layout, nproc=nproc)
     assert len(baseline) == 4
     assert_losses_close(run.losses, [m["loss"] for m in baseline])

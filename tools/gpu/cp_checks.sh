@@ -3,9 +3,11 @@
 #   128k (< 5 minutes): the cudnn kernel vs the reference at CP = 1 and simulated CP 2/4/8
 #        (tests/gpu), the Triton ring passes; per-rank attention rate under CP vs the same
 #        kernel's CP = 1 rate on 128K rows (tools/bench_cp.py --simulate, with a kernel profile of
-#        the slowest rank), and over a stream of 64K rows of the stage-1 mix (graph builds counted).
+#        the slowest rank; the packed rows also with the `spread` split), and over a stream of
+#        64K rows of the stage-1 mix (graph builds counted).
 #   512k (< 8 minutes): the same rate at CP = 8 on 512K rows (one document, eight 64K documents,
-#        mean-2K packed), and a stream of 512K rows of the stage-2 mix.
+#        mean-2K packed; the packed rows also with the `spread` split), and a stream of 512K rows
+#        of the stage-2 mix.
 #   BASE: a folder holding an earlier tree's megatron_prolong and tools (git archive), timed in the
 #        same run for a before/after at 128K.
 # Needs the project's wheels in .whl (cudnn-frontend among them); logs and JSON under $OUT.
@@ -27,6 +29,8 @@ if [ "$what" = 128k ]; then
     -p no:cacheprovider 2>&1 | tee "$out/cudnn_numerics.log" | grep -E "relative|passed|failed|Error" | tail -30
   bench cp_sim_128k 150 --simulate 2,4,8 --seq 131072 --backends cudnn \
     --layouts one_doc,mean8K,mean2K --warmup 2 --rep 4 --profile
+  bench cp_sim_128k_spread 120 --simulate 2,4,8 --seq 131072 --backends cudnn --split spread \
+    --layouts mean8K,mean2K --warmup 2 --rep 4
   bench cp_stream_64k 150 --simulate 2,4,8 --seq 65536 --backends cudnn --stream 12 --mix stage1
   if [ -n "$base" ]; then
     (cd "$base" && PYTHONPATH=/tmp/site:$PWD:$PWD/tools timeout 120 python3 tools/bench_cp.py \
@@ -35,7 +39,9 @@ if [ "$what" = 128k ]; then
     echo "base rc $?"; grep -E '^\{"layout"' "$out/cp_sim_128k_base.log" | cut -c1-400
   fi
 else
-  bench cp_sim_512k 330 --simulate 8 --seq 524288 --backends cudnn \
+  bench cp_sim_512k 240 --simulate 8 --seq 524288 --backends cudnn \
     --layouts one_doc,docs64K,mean2K --warmup 1 --rep 2
+  bench cp_sim_512k_spread 150 --simulate 8 --seq 524288 --backends cudnn --split spread \
+    --layouts docs64K,mean2K --warmup 1 --rep 2
   bench cp_stream_512k 200 --simulate 8 --seq 524288 --backends cudnn --stream 6 --mix stage2
 fi
