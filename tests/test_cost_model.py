@@ -36,7 +36,7 @@ def test_cp_efficiency_is_cp1_time_over_the_slowest_rank():
 
 def test_one_gpu_prediction_reassembles_the_measured_step():
     bench = json.loads(BENCH.read_text())
-    sim = json.loads(cost_model.CP_SIM_DEFAULT.read_text())
+    sim = json.loads(cost_model.CP_SIM_DEFAULT[0].read_text())
     measured = bench["paths"]["plugin"]["summary"]["one_doc"]
     r = cost_model.predict(bench, sim, {"tp": 1, "cp": 1}, bench["seq"], 1, "h200", cost_model.Network(),
                            global_batch=1, mix={"one_doc": 1.0})
@@ -60,3 +60,14 @@ def test_docs_table_is_what_the_tool_prints(capsys):
     table = [line.split("|")[1:-1] for line in doc[start:] if line.startswith("| ")]
     # columns seq..memory (the docs add one "fits" column per GPU memory)
     assert [c[:9] for c in table] == [c[:9] for c in printed]
+
+
+def test_cp_report_prefers_the_nearest_sequence_length():
+    r128 = {"seq": 131072, "rows": [_row(2, [500.0, 500.0], [10.0, 10.0]),
+                                    {**_row(8, [400.0] * 8, [10.0] * 8), "layout": "mean2K"}]}
+    r512 = {"seq": 524288, "rows": [{**_row(8, [250.0] * 8, [10.0] * 8), "layout": "mean2K"}]}
+    at512 = cost_model.cp_report([r128, r512], 524288)
+    assert cost_model.cp_efficiency(at512, "mean2k", 8) == pytest.approx(0.5)  # the 512K row
+    assert cost_model.cp_efficiency(at512, "one_doc", 2) == pytest.approx(1.0)  # only at 128K
+    at64 = cost_model.cp_report([r512, r128], 65536)
+    assert cost_model.cp_efficiency(at64, "mean2k", 8) == pytest.approx(0.8)

@@ -125,7 +125,21 @@ def predict(bench: dict, cp_sim: dict, layout: dict, seq: int, world: int, gpu: 
 ATTENTION_CP1 = {"one_doc": 540.0, "mean8k": 495.0, "mean2k": 449.0, "mean1.5k": 449.0}
 #: the bench layouts' rows in a tools/bench_cp.py --simulate report (mean 1.5K: taken as mean 2K's)
 CP_SIM_LAYOUT = {"one_doc": "one_doc", "mean8k": "mean8K", "mean2k": "mean2K", "mean1.5k": "mean2K"}
-CP_SIM_DEFAULT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "cp_sim_2026-12-02_h200_cudnn.json"
+#: per-rank CP rates (H100, 2026-12-07, docs/benchmarks.md "Per-rank rate under CP"): 128K rows at
+#: CP 2 / 4 / 8 and 512K rows at CP 8; a prediction at S reads the report nearest to S
+CP_SIM_DEFAULT = [Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / name for name in
+                  ("cp_sim_2026-12-07_h100_cudnn.json", "cp_sim_512k_2026-12-07_h100_cudnn.json")]
+
+
+def cp_report(reports: list[dict], seq: int) -> dict:
+    """The rows of the report measured nearest to ``seq`` (log scale), and of layouts it lacks
+    from the next nearest."""
+    rows, seen = [], set()
+    for rep in sorted(reports, key=lambda r: abs(math.log2(r["seq"]) - math.log2(seq))):
+        names = {r["layout"] for r in rep["rows"]} - seen
+        rows += [r for r in rep["rows"] if r["layout"] in names]
+        seen |= names
+    return {"rows": rows}
 
 
 def cp_efficiency(cp_sim: dict, layout: str, cp: int) -> float:
@@ -202,20 +216,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gpu", default="h100_80gb", choices=sorted(GPU_SPECS))
     p.add_argument("--world", type=int, default=64)
     p.add_argument("--path", default="plugin", help="which path of the report to scale")
-    p.add_argument("--cp-sim", default=str(CP_SIM_DEFAULT), help="a tools/bench_cp.py --simulate report (cudnn)")
+    p.add_argument("--cp-sim", nargs="+", default=[str(x) for x in CP_SIM_DEFAULT],
+                   help="tools/bench_cp.py --simulate reports (cudnn), e.g. one at 128K and one at 512K")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     with open(args.bench) as f:
         bench = json.load(f)
-    with open(args.cp_sim) as f:
-        cp_sim = json.load(f)
+    reports = []
+    for name in args.cp_sim:
+        with open(name) as f:
+            reports.append(json.load(f))
     net = Network()
     rows = []
     for seq, layouts in LAYOUTS.items():
         gbs, mix = (64 if seq == 65536 else 16), MIXES[seq]
         for lay in layouts:
             world = max(args.world, lay["tp"] * lay["cp"])
-            r = predict(bench, cp_sim, {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix)
+            r = predict(bench, cp_report(reports, seq), {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix)
             r["seq"], r["world"] = seq, world
             rows.append(r)
     if args.markdown:
