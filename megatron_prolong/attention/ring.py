@@ -171,12 +171,15 @@ class _RingAttention(torch.autograd.Function):
         o, lse = kernel.partial_forward(plan.square, qf, kf, vf, scale)
         if comm is not None and work is not None:
             work.wait()
+        rect_kv = ()
         if plan.rect is not None:
-            kr, vr = _rect_kv(gathered, plan, comm is None, hkv)
-            o_r, lse_r = kernel.partial_forward(plan.rect, qf, kr, vr, scale)
+            rect_kv = _rect_kv(gathered, plan, comm is None, hkv, getattr(kernel, "key_align", 1))
+            o_r, lse_r = kernel.partial_forward(plan.rect, qf, *rect_kv, scale)
             merge_(o, lse, o_r, lse_r, plan.rows)
-        keep = () if plan.rect is None else gathered if comm is None else (gathered,)
-        ctx.save_for_backward(qf, kf, vf, o, lse, *keep)
+        # the rectangles' keys, not the gathered stream: never more rows than it (a rank's
+        # rectangles of one document hold fewer keys than the document), far fewer when most
+        # documents are whole, and the backward needs no second gather
+        ctx.save_for_backward(qf, kf, vf, o, lse, *rect_kv)
         ctx.plan, ctx.kernel, ctx.comm, ctx.scale, ctx.b = plan, kernel, comm, scale, b
         return _unflat(o, b)
 
@@ -188,8 +191,10 @@ class _RingAttention(torch.autograd.Function):
         dof = _flat(do)
         dq_r = dk_r = dv_r = None
         if plan.rect is not None:
-            kr, vr = _rect_kv(tuple(rest) if comm is None else rest[0], plan, comm is None, hkv)
+            kr, vr = rest
             dq_r, dk_r, dv_r = kernel.partial_backward(plan.rect, qf, kr, vr, o, lse, dof, scale)
+            n = plan.rect_natural.numel()  # the key buffers' alignment rows carry nothing
+            dk_r, dv_r = dk_r[:n], dv_r[:n]
         empty = kf.new_zeros((0, hkv, d))
         pending = None
         if comm is not None and plan.any_rect:
@@ -213,13 +218,21 @@ class _RingAttention(torch.autograd.Function):
         return _unflat(dq, b), _unflat(dk, b), _unflat(dv, b), None, None, None, None
 
 
-def _rect_kv(gathered, plan: RingPlan, natural: bool, hkv: int):
+def _rect_kv(gathered, plan: RingPlan, natural: bool, hkv: int, align: int):
     """The rectangles' keys and values: from the whole K and V in natural order (one rank
-    computed alone), or from the all-gathered ``[k | v]`` stream (rank-major)."""
-    if natural:
-        return (t.index_select(0, plan.rect_natural) for t in gathered)
-    return (gathered[:, sl].index_select(0, plan.rect_gathered)
-            for sl in (slice(0, hkv), slice(hkv, None)))
+    computed alone), or from the all-gathered ``[k | v]`` stream (rank-major); in buffers of a
+    multiple of ``align`` rows (zeros after the keys), the kernel's packing unit, so it needs no
+    padded copy."""
+    index = plan.rect_natural if natural else plan.rect_gathered
+    n = index.numel()
+    srcs = gathered if natural else (gathered[:, :hkv], gathered[:, hkv:])
+    out = []
+    for src in srcs:
+        buf = src.new_empty((-(-n // align) * align,) + tuple(src.shape[1:]))
+        torch.index_select(src, 0, index, out=buf[:n])
+        buf[n:].zero_()
+        out.append(buf)
+    return tuple(out)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,

@@ -193,3 +193,31 @@ def test_flex_block_mask_is_exact(block, cp, kind):
                         assert j in partial, (b, i, j)
                     else:
                         assert j not in partial and j not in full, (b, i, j)
+
+
+def test_ring_key_buffers_rounded_up_give_the_same_result():
+    """The rectangles' K/V in buffers rounded up to the kernel's packing unit (cuDNN's 64 rows,
+    zeros after the keys, so it needs no padded copy): output and gradients equal the exact-size
+    buffers' bit for bit on every rank."""
+    from megatron_prolong.attention.backends.reference import ReferenceBackend
+    from megatron_prolong.attention.ring import ring_attention, ring_plan
+
+    class Aligned(ReferenceBackend):
+        key_align = 64
+
+    layout = DocumentLayout.from_lengths([[10, 54], [30, 1, 33]])
+    split = spread_split(layout, 4, min_chunk=2)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(64, 2, h, 8, dtype=torch.float64, generator=g) for h in (4, 2, 2))
+    rects = 0
+    for r in range(4):
+        results = []
+        for kernel in (ReferenceBackend(), Aligned()):
+            qr = split.shard(q.transpose(0, 1), r).transpose(0, 1).requires_grad_()
+            kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+            out = ring_attention(qr, kk, vv, layout, split, r, kernel, 0.35)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (qr, kk, vv))))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        rects += ring_plan(layout, split, r).rect is not None
+    assert rects >= 3  # the rows cut documents over the ranks: rectangles ran

@@ -13,6 +13,7 @@ from megatron_prolong.attention import (
     balanced_split,
     document_attention,
     resolve_backend,
+    spread_split,
     zigzag_split,
 )
 from megatron_prolong.attention.backends import cudnn_thd
@@ -103,7 +104,8 @@ def test_graph_cache_is_bounded(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [[[64]], [[10, 54], [30, 1, 33]], [[1] * 5 + [40, 19]]])
-@pytest.mark.parametrize("cp,kind", [(2, "zigzag"), (4, "zigzag"), (2, "balanced"), (4, "balanced")])
+@pytest.mark.parametrize("cp,kind", [(2, "zigzag"), (4, "zigzag"), (2, "balanced"), (4, "balanced"),
+                                     (2, "spread"), (4, "spread")])
 def test_cp_square_and_rectangle_calls_follow_the_rule(rows, cp, kind):
     """Under CP, what cuDNN is told in the two calls, read back position by position, is the rule
     itself: every local query (row, position p) sees, in the causal square on the rank's own
@@ -111,7 +113,8 @@ def test_cp_square_and_rectangle_calls_follow_the_rule(rows, cp, kind):
     keys of its document up to p, each once."""
     lay = DocumentLayout.from_lengths(rows)
     s = lay.seq_len
-    split = zigzag_split(lay, cp) if kind == "zigzag" else balanced_split(lay, cp, min_chunk=2)
+    split = {"zigzag": lambda: zigzag_split(lay, cp), "balanced": lambda: balanced_split(lay, cp),
+             "spread": lambda: spread_split(lay, cp, min_chunk=2)}[kind]()
     kernel = CudnnBackend()
     for r in range(cp):
         plan = ring_plan(lay, split, r)

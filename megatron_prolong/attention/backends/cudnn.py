@@ -23,6 +23,8 @@ class CudnnPlan:
 
 class CudnnBackend:
     name = "cudnn"
+    #: rows the ring's rectangle K/V buffers are rounded up to (no padding copy here)
+    key_align = cudnn_thd.TOKEN_ALIGN
 
     def __init__(self, doc_min: int = AttentionConfig.cudnn_doc_bucket_min,
                  seq_min: int = AttentionConfig.cudnn_seq_bucket_min,
