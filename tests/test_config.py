@@ -43,6 +43,8 @@ def test_default_config_is_the_tiny_demo():
         (["kernels.cross_entropy=liger"], 1, "kernels.cross_entropy"),
         (["model.rope_positions=absolute"], 1, "model.rope_positions"),
         (["model.attention.kernel=fast"], 1, "model.attention.kernel"),
+        (["model.attention.cp_split=ring"], 1, "model.attention.cp_split"),
+        (["model.attention.cp_balance_bound=0.9"], 1, "model.attention.cp_balance_bound"),
         (["train.lr=0"], 1, "train.lr"),
         (["model.num_query_groups=3"], 1, "model.num_attention_heads"),
         (["parallel.cp=2", "parallel.cp_comm_type=allgather"], 2, "all_gather"),
