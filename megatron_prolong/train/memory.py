@@ -211,7 +211,9 @@ def estimate_memory(
     ``model_cfg.vocab_size``. ``recompute_modules`` overrides Megatron's selective-recompute
     modules (default ("core_attn",) for train.recompute=selective). ``attention_backend``
     (plugin | te) decides whether the CP-gathered K/V are kept for backward (plugin) or
-    re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te.
+    re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te. Pass the
+    resolved backend (``model.builder.resolve_attention_backend``) to estimate what the trainer
+    runs, as the start-up check does: ``auto`` is the plugin path there.
     ``logits_block=None`` models an unblocked output layer (all logits of the micro-batch).
     ``cross_entropy``: the loss kernel (``kernels.cross_entropy``; triton, the GPU default, or torch).
     ``layer_factor`` replaces the backend's LAYER_FACTOR (used when fitting it).
