@@ -11,11 +11,16 @@ as Llama's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from megatron_prolong.model.cross_entropy import triton_available
+
+if TYPE_CHECKING:
+    from megatron_prolong.model.builder import ProLongTransformerConfig
 
 if triton_available():
     import triton
@@ -51,7 +56,7 @@ class RopeAngles:
     backward). The positions tensor is compared by identity and held, so its id cannot be reused.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: ProLongTransformerConfig) -> None:
         self.interpolation_factor = config.rope_interpolation_factor
         self.inv_freq = RotaryEmbedding(
             kv_channels=config.kv_channels,
