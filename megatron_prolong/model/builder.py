@@ -21,7 +21,7 @@ from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
 from megatron_prolong.model.norm import RMSNorm
 from megatron_prolong.model.te_checkpoint import TECheckpointGPTModel
-from megatron_prolong.model.rope import resolve_rope
+from megatron_prolong.model.rope import RopeAngles, resolve_rope
 
 
 @dataclass
@@ -132,7 +132,9 @@ def block_spec(backend: str, config: TransformerConfig) -> ModuleSpec | Transfor
 
         return get_gpt_layer_with_transformer_engine_spec()
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer.submodules.self_attention.submodules.core_attention = DocumentCoreAttention
+    # One RopeAngles shared by all layers: the angles are built once per micro-batch, not per layer.
+    layer.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=DocumentCoreAttention, params={"rope": RopeAngles(config)})
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
     local_layers = get_num_layers_to_build(config)  # this pipeline stage's share

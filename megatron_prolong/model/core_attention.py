@@ -6,13 +6,12 @@ import math
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_prolong.attention.dispatch import document_attention
 from megatron_prolong.model.packed import DocumentPackedSeqParams
-from megatron_prolong.model.rope import apply_rope
+from megatron_prolong.model.rope import RopeAngles, apply_rope
 
 
 class DocumentCoreAttention(MegatronModule):
@@ -20,6 +19,8 @@ class DocumentCoreAttention(MegatronModule):
 
     RoPE is applied here rather than by Megatron because the positions come from the document
     layout (continuous or per-document) and must be those of the tokens this CP rank holds.
+    ``rope`` computes the angles once per micro-batch for all layers of the model (one object
+    shared by every layer).
     """
 
     def __init__(
@@ -32,6 +33,8 @@ class DocumentCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        *,
+        rope: RopeAngles,
     ) -> None:
         super().__init__(config=config)
         self.layer_number = layer_number
@@ -40,17 +43,8 @@ class DocumentCoreAttention(MegatronModule):
             pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
         )
         self.attention = config.attention
-        self.interpolation_factor = config.rope_interpolation_factor
+        self.rope = rope
         self.rope_kernel = getattr(config, "rope_kernel", "torch")
-        rope = RotaryEmbedding(
-            kv_channels=config.kv_channels,
-            rotary_percent=1.0,
-            rotary_base=config.rope_base,
-            rope_scaling=config.rope_scaling == "llama3",
-            rope_scaling_factor=config.rope_scaling_factor,
-            use_cpu_initialization=True,
-        )
-        self.register_buffer("inv_freq", rope.inv_freq, persistent=False)
 
     def forward(
         self,
@@ -67,7 +61,7 @@ class DocumentCoreAttention(MegatronModule):
                 "DocumentCoreAttention needs DocumentPackedSeqParams (document layout and positions) "
                 "from megatron_prolong.model.packed; got " + type(packed_seq_params).__name__
             )
-        emb = packed_seq_params.rope_emb(self.inv_freq.to(query.device), self.interpolation_factor)
+        emb = self.rope(packed_seq_params.positions, query.device)
         query, key = apply_rope(query, key, emb, self.rope_kernel)
         cache = getattr(packed_seq_params, "kv_cache", None)  # generation (megatron_prolong.eval.kv_cache)
         if cache is not None and cache.decoding:

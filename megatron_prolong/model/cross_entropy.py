@@ -5,7 +5,8 @@ vocabulary); one kernel pass over each row gives its maximum, its sum of exponen
 target's logit; the TP ranks combine those ([tokens] floats: three all-reduces per micro-batch).
 The logits are dropped, only the log-sum-exp is kept. Backward, per block: the logits are
 recomputed, one kernel pass turns them in place into (softmax - one-hot) x dloss, and two matmuls
-give dx and accumulate dW.
+give dx and accumulate dW. dW is summed over the blocks in fp32 and cast to the weights' dtype
+once: a bf16 buffer would round after each of the 32 blocks of a 64K sequence.
 
 Against the unfused path (Megatron's ``vocab_parallel_cross_entropy`` under activation
 checkpointing, :mod:`megatron_prolong.model.loss`): the same math on the same bf16 logits, but no
@@ -70,6 +71,16 @@ def _block(n_cols: int) -> int:
     return min(4096, triton.next_power_of_2(n_cols))
 
 
+def _accumulate_weight_grad(dw: torch.Tensor, dlogits: torch.Tensor, x: torch.Tensor) -> None:
+    """dw (fp32) += dlogits^T x, the products summed in fp32 and never rounded to bf16 on the way.
+    CUDA: cuBLAS adds the bf16 GEMM's fp32 result straight into dw (``out_dtype``). CPU has no
+    such kernel: the operands are widened to fp32 first (exact), which sums in the same precision."""
+    if dw.is_cuda:
+        torch.addmm(dw, dlogits.t(), x, out_dtype=torch.float32, out=dw)
+    else:
+        dw.addmm_(dlogits.t().float(), x.float())
+
+
 def _tp_size(group) -> int:
     return group.size() if group is not None and dist.is_initialized() else 1
 
@@ -107,7 +118,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         dloss = dloss.contiguous()
         n, v = x.shape[0], weight.shape[0]
         dx = torch.empty_like(x)
-        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for i in range(0, n, ctx.block_size):
             xb = x[i : i + ctx.block_size]
             logits = F.linear(xb, weight)
@@ -116,8 +127,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 lse[i:], dloss[i:], BLOCK=_block(v), num_warps=16)
             torch.mm(logits, weight, out=dx[i : i + ctx.block_size])
             if dw is not None:
-                dw.addmm_(logits.t(), xb)
-        return dx, dw, None, None, None, None
+                _accumulate_weight_grad(dw, logits, xb)
+        return dx, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block_size: int,

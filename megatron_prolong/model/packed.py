@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -17,24 +17,13 @@ class DocumentPackedSeqParams(PackedSeqParams):
 
     ``qkv_format='sbhd'`` keeps Megatron's own THD handling (and THD RoPE) out of the way.
     ``positions`` are the RoPE positions of this rank's tokens, [s_local, b]; ``split`` says
-    which tokens each CP rank holds (None: zigzag).
+    which tokens each CP rank holds (None: zigzag). ``positions`` is never changed in place: the
+    model's RoPE angles are cached per positions tensor (:class:`~megatron_prolong.model.rope.RopeAngles`).
     """
 
     layout: DocumentLayout | None = None
     positions: torch.Tensor | None = None
     split: CPSplit | None = None
-    _rope_cache: dict = field(default_factory=dict, repr=False)
-
-    def rope_emb(self, inv_freq: torch.Tensor, interpolation_factor: float | None) -> torch.Tensor:
-        """[s_local, b, 1, dim] rotary angles, computed once per micro-batch for all layers."""
-        key = (inv_freq.data_ptr(), interpolation_factor)
-        if key not in self._rope_cache:
-            pos = self.positions.to(device=inv_freq.device, dtype=torch.float32)
-            if interpolation_factor is not None:
-                pos = pos / interpolation_factor
-            freqs = pos[..., None] * inv_freq
-            self._rope_cache[key] = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return self._rope_cache[key]
 
 
 def rope_positions(layout: DocumentLayout, mode: str) -> torch.Tensor:

@@ -11,10 +11,16 @@ as Llama's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from megatron_prolong.model.cross_entropy import triton_available
+
+if TYPE_CHECKING:
+    from megatron_prolong.model.builder import ProLongTransformerConfig
 
 if triton_available():
     import triton
@@ -38,6 +44,46 @@ if triton_available():
         dst = out_ptr + token * heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
         tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class RopeAngles:
+    """The rotary angles [s_local, b, 1, dim] (fp32) of the latest micro-batch, shared by every
+    core-attention layer of one model (``model.builder.block_spec`` hands the same object to each).
+
+    The RoPE settings are this object's own, so only the positions decide a rebuild: the angles are
+    computed once per micro-batch, not once per layer, and the previous micro-batch's are dropped
+    here as soon as the next one arrives (a layer's autograd graph may still hold them until its
+    backward). The positions tensor is compared by identity and held, so its id cannot be reused.
+    """
+
+    def __init__(self, config: ProLongTransformerConfig) -> None:
+        self.interpolation_factor = config.rope_interpolation_factor
+        self.inv_freq = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=config.rope_base,
+            rope_scaling=config.rope_scaling == "llama3",
+            rope_scaling_factor=config.rope_scaling_factor,
+            use_cpu_initialization=True,
+        ).inv_freq
+        self._positions: torch.Tensor | None = None
+        self._angles: torch.Tensor | None = None
+
+    def __call__(self, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Angles of ``positions`` [s_local, b] on ``device``, repeated for both halves of each head."""
+        if positions is not self._positions or self._angles.device != device:
+            self._angles = None  # free the previous micro-batch's before building this one's
+            self._positions, self._angles = positions, self._build(positions, device)
+        return self._angles
+
+    def _build(self, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)  # once: a copy from the host would sync every build
+        pos = positions.to(device=device, dtype=torch.float32)
+        if self.interpolation_factor is not None:
+            pos = pos / self.interpolation_factor
+        freqs = pos[..., None] * self.inv_freq
+        return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
 
 
 def _rotate(x: torch.Tensor, angles: torch.Tensor, sign: float) -> torch.Tensor:

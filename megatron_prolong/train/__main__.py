@@ -22,6 +22,7 @@ def _to_typed(raw: DictConfig) -> ProLongConfig:
 
 def check_memory(cfg: ProLongConfig, world_size: int) -> None:
     """Refuse (or warn about) a layout whose estimated memory exceeds the GPU's, before starting."""
+    from megatron_prolong.model.builder import resolve_attention_backend
     from megatron_prolong.tokenizer import ByteTokenizer
     from megatron_prolong.train.memory import check_fits
 
@@ -29,8 +30,9 @@ def check_memory(cfg: ProLongConfig, world_size: int) -> None:
     if cfg.train.memory_check == "off" or vocab is None:
         return
     try:
+        # The backend the trainer will run (``auto`` is the plugin path), not the config's word for it.
         check_fits(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, world_size, vocab_size=vocab,
-                   gpu=cfg.train.gpu)
+                   gpu=cfg.train.gpu, attention_backend=resolve_attention_backend(cfg.model))
     except ConfigError as err:
         if cfg.train.memory_check == "error":
             raise ConfigError(f"{err} (train.memory_check=warn or off to start anyway)") from None

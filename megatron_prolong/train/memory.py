@@ -54,8 +54,10 @@ each recomputed in the backward pass, so one block of logits exists at a time. U
 entropy (``kernels.cross_entropy=torch``): bf16 logits, fp32 copy, fp32 softmax and fp32 gradient,
 14 bytes per (token, vocabulary column on this TP rank); fused (``triton``, the default on GPUs):
 the bf16 logits only, turned into their gradient in place, plus the output layer's bf16 weight
-gradient while it is handed to the fp32 main grads. Plus the final norm's input and output
-(2 x e x h_sp per token).
+gradient while it is handed to the fp32 main grads. Not counted yet: that gradient is now summed
+over the blocks in fp32 first (4 more bytes per weight of the output layer on this TP rank, during
+the loss backward); the peaks the estimate is checked against were measured before, with the sum
+in bf16. Plus the final norm's input and output (2 x e x h_sp per token).
 
 Workspace: gradients alive while one layer is back-propagated (fc1 / SwiGLU output gradients
 e x 3f/t, two hidden-size gradients e x 2h, the sequence-parallel all-gather buffer e x h) and the
@@ -211,7 +213,9 @@ def estimate_memory(
     ``model_cfg.vocab_size``. ``recompute_modules`` overrides Megatron's selective-recompute
     modules (default ("core_attn",) for train.recompute=selective). ``attention_backend``
     (plugin | te) decides whether the CP-gathered K/V are kept for backward (plugin) or
-    re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te.
+    re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te. Pass the
+    resolved backend (``model.builder.resolve_attention_backend``) to estimate what the trainer
+    runs, as the start-up check does: ``auto`` is the plugin path there.
     ``logits_block=None`` models an unblocked output layer (all logits of the micro-batch).
     ``cross_entropy``: the loss kernel (``kernels.cross_entropy``; triton, the GPU default, or torch).
     ``layer_factor`` replaces the backend's LAYER_FACTOR (used when fitting it).

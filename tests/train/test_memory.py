@@ -181,3 +181,36 @@ def test_gpu_from_config_key_and_table():
     est = estimate_memory(LLAMA, T(), par(), S64, 64)
     assert est.gpu_memory / GiB == pytest.approx(140.4, abs=0.1)
     assert "| 64K | 4 | 2 | 8 | on | none |" in memory_table()
+
+
+def test_startup_check_estimates_the_backend_the_trainer_runs(monkeypatch):
+    """``model.attention_backend=auto`` runs the plugin path (model/builder.py), so the check made
+    before training starts must estimate that path, not the TE one (its K/V handling and calibration
+    differ). The 64K preset's layout, on the 64 GPUs it is meant for."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from megatron_prolong.config import register_configs
+    from megatron_prolong.model.builder import resolve_attention_backend
+    from megatron_prolong.train import memory
+    from megatron_prolong.train.__main__ import check_memory
+
+    register_configs()
+    with initialize_config_module("megatron_prolong.conf", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=["experiment=prolong_64k"]))
+    assert cfg.model.attention_backend == "auto" and resolve_attention_backend(cfg.model) == "plugin"
+    checked = []
+
+    def recording(*args, **kwargs):
+        checked.append(check_fits(*args, **kwargs))
+        return checked[-1]
+
+    monkeypatch.setattr(memory, "check_fits", recording)
+    check_memory(cfg, world_size=64)
+
+    def estimate(backend):
+        return estimate_memory(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, 64,
+                               gpu=cfg.train.gpu, attention_backend=backend)
+
+    assert len(checked) == 1 and checked[0].total == estimate("plugin").total
+    assert estimate("te").total != estimate("plugin").total  # the test can tell the two paths apart
