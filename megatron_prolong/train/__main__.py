@@ -37,6 +37,16 @@ def check_memory(cfg: ProLongConfig, world_size: int) -> None:
         print(f"megatron-prolong: warning: {err}", file=sys.stderr, flush=True)
 
 
+def training_hooks(trainer) -> list:
+    """In-training evaluation when ``eval.every`` is set; it builds its samples when made, so
+    missing inputs fail before step 1."""
+    if not trainer.cfg.eval.every:
+        return []
+    from megatron_prolong.eval.in_training import TrainingEval
+
+    return [TrainingEval(trainer)]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
     from megatron_prolong.parallel.distributed import world_size_from_env
@@ -55,7 +65,7 @@ def main(raw: DictConfig) -> None:
     # Heavy imports only once the configuration is known to be valid.
     from megatron_prolong.train.run import run
 
-    run(cfg, OmegaConf.to_yaml(raw, resolve=True))
+    run(cfg, OmegaConf.to_yaml(raw, resolve=True), hooks=training_hooks)
 
 
 if __name__ == "__main__":
