@@ -7,11 +7,15 @@ configuration without starting anything (Hydra's own flag).
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_prolong.config import ConfigError, ProLongConfig, register_configs, validate
+
+if TYPE_CHECKING:
+    from megatron_prolong.train.loop import StepHook, Trainer
 
 register_configs()
 
@@ -37,7 +41,7 @@ def check_memory(cfg: ProLongConfig, world_size: int) -> None:
         print(f"megatron-prolong: warning: {err}", file=sys.stderr, flush=True)
 
 
-def training_hooks(trainer) -> list:
+def training_hooks(trainer: Trainer) -> list[StepHook]:
     """In-training evaluation when ``eval.every`` is set; it builds its samples when made, so
     missing inputs fail before step 1."""
     if not trainer.cfg.eval.every:
