@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PYTHON ?= $(shell for p in python3.12 python3.13 python3 $$(pyenv root 2>/dev/null)/versions/3.1[2-9]*/bin/python; do \
 	if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$p; break; fi; done)
 TEST_ARGS ?=
+# pytest-xdist workers; each test file runs whole on one worker (--dist loadfile), so a module's
+# shared run is made once. Most tests start trainer processes: more workers than cores gains nothing.
+TEST_WORKERS ?= 2
 
 .PHONY: venv nemo-env demo test clean-venv
 
@@ -22,15 +25,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# NeMo 2.5 in its own environment (.venv-nemo), for the NeMo interoperability tests only.
+# NeMo 2.5 in its own environment (.venv-nemo), for the NeMo interoperability tests only; the
+# tests build it themselves when they are selected and it is missing, so `make test` need not.
 nemo-env:
 	bash tests/convert/nemo_env/setup.sh
 
 demo: venv
 	$(PY) -m megatron_prolong.train run.dir=outputs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: venv nemo-env
-	$(PY) -m pytest $(TEST_ARGS)
+test: venv
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(TEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

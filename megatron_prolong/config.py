@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from megatron_prolong.attention.config import AttentionConfig
-from megatron_prolong.attention.te_thd import validate_cp_comm_type, validate_te_version
+from megatron_prolong.te.thd import validate_cp_comm_type, validate_te_version
 from megatron_prolong.data.config import DataConfig
 from megatron_prolong.tokenizer import TokenizerConfig
 

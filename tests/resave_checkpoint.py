@@ -22,6 +22,6 @@ if __name__ == "__main__":
 
         topo = init_distributed(cfg.parallel, cfg.train.seed)
         try:
-            Trainer(cfg, topo).save()
+            Trainer(cfg, topo).build().save()
         finally:
             shutdown()

@@ -44,13 +44,13 @@ def _copy(src: Path, dst: Path) -> Path:
 def _refused_everywhere(ckpt: Path, marker: Path) -> None:
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.convert import cli
-    from megatron_prolong.eval.model import load_eval_model
+    from megatron_prolong.inference import load_model
     from megatron_prolong.train.checkpoint import load_checkpoint
 
     with pytest.raises(UnsafeCheckpointError, match=r"would call builtins\.exec when unpickled"):
         load_checkpoint(ckpt, model=None)  # the trainer: refused before the model is touched
     with pytest.raises(ConversionError, match=r"builtins\.exec.*nothing in it was run"):
-        load_eval_model(ckpt, ParallelConfig())
+        load_model(ckpt, ParallelConfig())
     assert cli.main(["mcore-to-hf", "--input", str(ckpt), "--output", str(ckpt.parent / "out")]) == 1
     assert not (ckpt.parent / "out").exists()
     assert not marker.exists(), "the checkpoint's code ran"

@@ -139,7 +139,8 @@ def assert_losses_close(a: list[float], b: list[float], rel: float = 1e-4) -> No
 def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a run's latest checkpoint (weights and Adam moments) at its global shape,
     whatever layout wrote it: the conversion code's reader of Megatron's distributed checkpoints."""
-    from megatron_prolong.convert.mcore import DistCheckpointReader, megatron_session
+    from megatron_prolong.convert.mcore import DistCheckpointReader
+    from megatron_prolong.inference import megatron_session
     from megatron_prolong.train.checkpoint import resolve_checkpoint
 
     with megatron_session():

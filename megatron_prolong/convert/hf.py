@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_prolong import inference
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, warn
 from megatron_prolong.convert.mapping import ConversionError, entries
@@ -210,7 +211,7 @@ def export_tokenizer(ckpt: Path, meta: dict, tokenizer: str | Path | None) -> di
         return checkpoint_record(TokenizerConfig(kind="byte"))
     ids = source_token_ids(json.loads((ckpt / "hf_config.json").read_text()), ckpt) \
         if (ckpt / "hf_config.json").is_file() else None
-    return mcore.folder_record(mcore.checkpoint_tokenizer(ckpt, meta), record.get("path"), ids)
+    return mcore.folder_record(inference.checkpoint_tokenizer(ckpt, meta), record.get("path"), ids)
 
 
 def write_generation_config(out: Path, record: dict, base: Path | None) -> None:
@@ -237,10 +238,10 @@ def hf_to_mcore(src: str | Path, out: str | Path, *, rope_base: float | None = N
     check_rope_matches(model, vocab_size, max_pos)
     reader = SafetensorsReader(src)
     src_dtype = reader.get(entries(model)[0].hf[0]).dtype
-    tdtype = mcore.DTYPES[dtype] if dtype else (torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float32)
+    tdtype = inference.DTYPES[dtype] if dtype else (torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float32)
     seq = int(seq_length) if seq_length else max_pos
     out = Path(out).absolute()
-    with atomic_output(out, overwrite) as tmp, mcore.megatron_session():
+    with atomic_output(out, overwrite) as tmp, inference.megatron_session():
         info(f"{src}: {model.num_layers} layers, hidden {model.hidden_size}, vocab {vocab_size}, "
              f"rope base {model.rope_base:g}{' (overridden)' if rope_base is not None else ''}, "
              f"seq_length {seq}, {tdtype}")
@@ -266,14 +267,14 @@ def mcore_to_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, s
                 overwrite: bool = False) -> Path:
     from megatron_prolong.convert import mcore
 
-    ckpt, meta = mcore.read_checkpoint(src)
-    model = mcore.model_config_from_meta(meta)
+    ckpt, meta = inference.read_checkpoint(src)
+    model = inference.model_config_from_meta(meta)
     vocab_size = int(meta["vocab_size"])
     seq = int(seq_length or meta["seq_length"])
     out = Path(out).absolute()
-    with atomic_output(out, overwrite) as tmp, mcore.megatron_session():
+    with atomic_output(out, overwrite) as tmp, inference.megatron_session():
         reader = mcore.DistCheckpointReader(ckpt, prefix="")
-        tdtype = mcore.DTYPES[dtype] if dtype else reader.dtype(entries(model)[0].ckpt_key)
+        tdtype = inference.DTYPES[dtype] if dtype else reader.dtype(entries(model)[0].ckpt_key)
         write_hf(tmp, reader.tensors(model, vocab_size, "mcore -> hf"), model, vocab_size, tdtype,
                  parse_size(max_shard_size), "writing safetensors")
         base = None
@@ -292,7 +293,7 @@ def mcore_to_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, s
         elif record.get("kind") == "byte":
             warn("the byte tokenizer has no Hugging Face files: ids 0-255 are bytes, BOS 256, EOS 257")
         else:
-            copy_tokenizer(mcore.checkpoint_tokenizer(ckpt, meta), tmp)
+            copy_tokenizer(inference.checkpoint_tokenizer(ckpt, meta), tmp)
     info(f"wrote {out} (rope_theta {model.rope_base:g}, max_position_embeddings {seq}, bos "
          f"{record.get('bos_token_id')}, eos {record['eos_token_id']})")
     return out

@@ -22,10 +22,11 @@ from typing import Callable, Iterator
 import torch
 
 from megatron_prolong.config import ModelConfig
+from megatron_prolong.inference import CheckpointError
 
 
-class ConversionError(ValueError):
-    """Input that cannot be converted; the message says what is wrong and what to do."""
+# Input that cannot be converted is the same error as a checkpoint that cannot be loaded.
+ConversionError = CheckpointError
 
 
 @dataclass(frozen=True)

@@ -9,73 +9,20 @@ what the trainer's model expects, whatever layout the trainer later uses).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from megatron_prolong import safe_checkpoint
-from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.convert.common import progress, warn
 from megatron_prolong.convert.mapping import ConversionError, Shapes, canonical_param, entries, expected_shape, fmt
-from megatron_prolong.tokenizer import TokenizerConfig, checkpoint_record, tokenizer_files
+from megatron_prolong.inference import META, SHARDING_META, dtype_name, is_dist_checkpoint, tensors_metadata, verify_safe
+from megatron_prolong.tokenizer import TokenizerConfig, checkpoint_record, tokenizer_files, unique_ids
 
-META = "prolong_meta.json"
 FORMAT = "megatron-prolong/1"
-# As in megatron_prolong.train.checkpoint: a model-only checkpoint loads into any layout.
-SHARDING_META = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "singleton_local_shards": False,
-    "chained_optim_avoid_prefix": True,
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    raise ConversionError(f"dtype {dtype} is not supported by the trainer's checkpoints; use --dtype fp32 or bf16")
-
-
-@contextlib.contextmanager
-def megatron_session(parallel: ParallelConfig | None = None, seed: int = 0) -> Iterator[Any]:
-    """Megatron's process groups for this process (a single gloo/NCCL process unless under torchrun)."""
-    import torch.distributed as dist
-
-    from megatron.core import parallel_state
-
-    from megatron_prolong.parallel.cpu_compat import cpu_compat
-    from megatron_prolong.parallel.distributed import init_distributed
-
-    with cpu_compat():
-        owns = not dist.is_initialized()
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        topo = init_distributed(parallel or ParallelConfig(), seed)
-        try:
-            yield topo
-        finally:
-            parallel_state.destroy_model_parallel()
-            if owns and dist.is_initialized():
-                dist.destroy_process_group()
-
-
-def verify_safe(path: Path) -> None:
-    """Refuse a distributed checkpoint whose pickles would run code (see megatron_prolong.safe_checkpoint)."""
-    try:
-        safe_checkpoint.verify(path)
-    except safe_checkpoint.UnsafeCheckpointError as err:
-        raise ConversionError(str(err)) from None
-
-
-def is_dist_checkpoint(path: Path) -> bool:
-    return (Path(path) / "metadata.json").is_file() or (Path(path) / ".metadata").is_file()
 
 
 class DistCheckpointReader:
@@ -86,16 +33,11 @@ class DistCheckpointReader:
     """
 
     def __init__(self, path: str | Path, prefix: str | None = None) -> None:
-        from megatron.core import dist_checkpointing
-
         self.path = Path(path)
         if not is_dist_checkpoint(self.path):
             raise ConversionError(f"{self.path} is not a Megatron distributed checkpoint (no metadata.json)")
         verify_safe(self.path)
-        try:
-            self.metadata = dist_checkpointing.load_tensors_metadata(str(self.path))
-        except Exception as err:  # a damaged or foreign folder
-            raise ConversionError(f"cannot read the distributed checkpoint metadata of {self.path}: {err}") from err
+        self.metadata = tensors_metadata(self.path)
         self.prefix = self._detect_prefix() if prefix is None else prefix
 
     def _detect_prefix(self) -> str:
@@ -249,8 +191,6 @@ def merge_token_ids(record: dict, stated: dict) -> dict:
     BOS stays the tokenizer's (it is what every prompt and training row starts with), every EOS id of
     either stops generation, a stated pad id wins. A folder whose ids disagree with its tokenizer's
     (transformers' defaults 1 / 2 next to a Llama-3 tokenizer, say) is warned about."""
-    from megatron_prolong.tokenizer import unique_ids
-
     bos, eos, pad = stated.get("bos_token_id"), list(stated.get("eos_token_id") or []), stated.get("pad_token_id")
     known = record["bos_token_id"] is not None or record["eos_token_id"]
     if known and ((bos is not None and bos != record["bos_token_id"])
@@ -264,44 +204,6 @@ def merge_token_ids(record: dict, stated: dict) -> dict:
     if pad is not None:
         out["pad_token_id"] = pad
     return out
-
-
-def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
-    """A trainer checkpoint (iter folder, checkpoints/ root or run folder) and its meta."""
-    from megatron_prolong.train.checkpoint import read_meta, resolve_checkpoint
-
-    try:
-        ckpt = resolve_checkpoint(path)
-        meta = read_meta(ckpt)
-    except FileNotFoundError as err:
-        raise ConversionError(str(err)) from err
-    if not is_dist_checkpoint(ckpt):
-        raise ConversionError(f"{ckpt} has {META} but no distributed checkpoint (metadata.json); incomplete copy?")
-    return ckpt, meta
-
-
-def model_config_from_meta(meta: dict) -> ModelConfig:
-    """The checkpoint's model config; its nested ``attention`` table (a dict in JSON) becomes an
-    AttentionConfig again, and keys this version does not know are left out."""
-    fields = {k: v for k, v in meta["model"].items() if k in ModelConfig.__dataclass_fields__}
-    if isinstance(fields.get("attention"), dict):
-        known = AttentionConfig.__dataclass_fields__
-        fields["attention"] = AttentionConfig(**{k: v for k, v in fields["attention"].items() if k in known})
-    return ModelConfig(**fields)
-
-
-def checkpoint_tokenizer(ckpt: Path, meta: dict) -> Path | None:
-    """The checkpoint's own ``tokenizer/`` copy (what it was trained or converted with), else the
-    folder its metadata points at (checkpoints written without a copy)."""
-    tok = (meta.get("tokenizer") or {})
-    candidates = [ckpt / "tokenizer"]
-    if tok.get("kind") == "hf" and tok.get("path"):
-        p = Path(tok["path"])
-        candidates.append(p if p.is_absolute() else ckpt / p)
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
 
 
 def trainer_overrides(meta: dict, checkpoint_dir: Path) -> list[str]:

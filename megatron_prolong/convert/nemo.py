@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 import torch
 import yaml
 
+from megatron_prolong import inference
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert import mcore, nemo_context
 from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, tokenizer_files, warn
@@ -180,7 +181,7 @@ def _write_mcore(tmp: Path, out: Path, model: ModelConfig, vocab_size: int, seq:
 
 def _target_dtype(dtype: str | None, src: torch.dtype) -> torch.dtype:
     if dtype:
-        return mcore.DTYPES[dtype]
+        return inference.DTYPES[dtype]
     return torch.bfloat16 if src == torch.bfloat16 else torch.float32
 
 
@@ -199,7 +200,7 @@ def nemo2_to_mcore(src: str | Path, out: str | Path, *, dtype: str | None = None
     model, cfg_vocab, seq = model_config_from_nemo2(doc.get("config") or {}, str(yaml_file))
     tok_dir = Path(tokenizer) if tokenizer else _nemo2_tokenizer_dir(src)
     out = Path(out).absolute()
-    with atomic_output(out, overwrite) as tmp, mcore.megatron_session():
+    with atomic_output(out, overwrite) as tmp, inference.megatron_session():
         reader = mcore.DistCheckpointReader(src / "weights")
         rows = reader.global_shape("embedding.word_embeddings.weight")[0]
         vocab = _vocab_size(vocab_size, cfg_vocab, tok_dir, rows)
@@ -228,14 +229,14 @@ def _add_legacy_common(weights: Path) -> None:
 
 
 def mcore_to_nemo2(src: str | Path, out: str | Path, *, dtype: str | None = None, overwrite: bool = False) -> Path:
-    ckpt, meta = mcore.read_checkpoint(src)
-    model = mcore.model_config_from_meta(meta)
+    ckpt, meta = inference.read_checkpoint(src)
+    model = inference.model_config_from_meta(meta)
     vocab = int(meta["vocab_size"])
     seq = int(meta["seq_length"])
     out = Path(out).absolute()
-    with atomic_output(out, overwrite) as tmp, mcore.megatron_session():
+    with atomic_output(out, overwrite) as tmp, inference.megatron_session():
         reader = mcore.DistCheckpointReader(ckpt, prefix="")
-        tdtype = mcore.DTYPES[dtype] if dtype else reader.dtype("embedding.word_embeddings.weight")
+        tdtype = inference.DTYPES[dtype] if dtype else reader.dtype("embedding.word_embeddings.weight")
         gpt = mcore.build_tp1_model(model, vocab, seq, tdtype)
         mcore.fill_model(gpt, ((n, t.to(tdtype)) for n, t in reader.tensors(model, vocab, "mcore -> nemo2")),
                          model, vocab, "filling")
@@ -247,7 +248,7 @@ def mcore_to_nemo2(src: str | Path, out: str | Path, *, dtype: str | None = None
         context = nemo_context.trainer_context(nemo_context.llama_config(model, vocab, seq, tdtype))
         (ctx / "io.json").write_text(json.dumps(nemo_context.io_json(context), indent=2))
         (ctx / "model.yaml").write_text(yaml.safe_dump(nemo_context.model_yaml(context), sort_keys=False))
-        copy_tokenizer(mcore.checkpoint_tokenizer(ckpt, meta), ctx / nemo_context.TOKENIZER_DIR)
+        copy_tokenizer(inference.checkpoint_tokenizer(ckpt, meta), ctx / nemo_context.TOKENIZER_DIR)
         (ctx / "prolong_source.json").write_text(json.dumps({"converted_from": str(ckpt)}, indent=2))
     info(f"wrote {out} (NeMo 2: weights/ + context/io.json, model.yaml, {nemo_context.TOKENIZER_DIR}/)")
     return out
@@ -323,7 +324,7 @@ def nemo1_to_mcore(src: str | Path, out: str | Path, *, dtype: str | None = None
                 f"{src} holds model-parallel partitions (mp_rank_*/tp_rank_*); merge them to one partition with "
                 "NeMo first, or save it with distributed (sharded) weights"
             )
-        with atomic_output(out, overwrite) as tmp, mcore.megatron_session():
+        with atomic_output(out, overwrite) as tmp, inference.megatron_session():
             if (base / "model_weights").is_dir():
                 reader = mcore.DistCheckpointReader(base / "model_weights")
                 rows = reader.global_shape("embedding.word_embeddings.weight")[0]

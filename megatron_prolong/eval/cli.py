@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_prolong.convert.mapping import ConversionError
+from megatron_prolong.inference import CheckpointError
 
 
 def _model_args(s: argparse.ArgumentParser) -> None:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {args.checkpoint}: rope_theta {info['rope_theta']}, max_position_embeddings "
                   f"{info['max_position_embeddings']}, eos_token_id {info['eos_token_id']}", file=sys.stderr)
             print("\n".join(helmet_commands(args.checkpoint, args.length, args.output_dir)))
-    except (ConversionError, EvalInputError, FileNotFoundError) as err:
+    except (CheckpointError, EvalInputError, FileNotFoundError) as err:
         print(f"eval_long.py: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_prolong import inference
 from megatron_prolong.eval.kv_cache import CachedPackedSeqParams, KVCache
 from megatron_prolong.eval.model import (
     forward_hidden, output_logits, packed_line, vocab_parallel_argmax, vocab_parallel_logprobs,
@@ -35,7 +36,7 @@ class Generation:
 
 
 class Generator:
-    """Greedy decoding for one loaded GPTModel (``load_eval_model``) on this rank."""
+    """Greedy decoding for one loaded GPTModel (``inference.load_model``) on this rank."""
 
     def __init__(self, gpt, vocab_size: int, rope_mode: str, eos_ids: Sequence[int], max_length: int) -> None:
         from megatron.core import parallel_state
@@ -115,8 +116,7 @@ def generate_file(checkpoint: str | Path, input_path: str | Path, output_path: s
                   max_length: int | None = None, eos: Sequence[int] | None = None) -> int:
     """Greedy outputs for every line (``input_ids`` or ``prompt``); rank 0 writes ``output_path``."""
     from megatron_prolong.config import ParallelConfig
-    from megatron_prolong.convert.mcore import megatron_session
-    from megatron_prolong.eval.model import eos_ids, load_eval_model, load_tokenizer
+    from megatron_prolong.eval.model import eos_ids, load_tokenizer
     from megatron_prolong.eval.rows import map_rows, read_lines, write_rows
     from megatron_prolong.tokenizer import encode_prompt
 
@@ -129,8 +129,8 @@ def generate_file(checkpoint: str | Path, input_path: str | Path, output_path: s
     def prompt_ids(row: dict) -> list[int]:
         return [int(t) for t in row["input_ids"]] if "input_ids" in row else encode_prompt(tokenizer, row["prompt"])
 
-    with megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
-        gpt, meta = load_eval_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
+    with inference.megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
+        gpt, meta = inference.load_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
         gen = Generator(gpt, int(meta["vocab_size"]), meta["model"].get("rope_positions", "continuous"), stop,
                         max_length or int(meta["seq_length"]))
         ids_of = {k: prompt_ids(row) for k, row in enumerate(rows)}

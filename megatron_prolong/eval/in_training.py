@@ -8,6 +8,7 @@ first step."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,15 +21,17 @@ from megatron_prolong.eval.samples import build_samples, read_haystack
 from megatron_prolong.eval.settings import plan_training_eval
 from megatron_prolong.tokenizer import build_tokenizer, encode_prompt
 
+if TYPE_CHECKING:
+    from megatron_prolong.train.loop import Trainer
+
 
 class TrainingEval:
-    """Called after every step with the step number; returns the metrics when ``eval.every`` divides it."""
+    """The trainer's step hook for ``eval.every``: called after every step with the step number,
+    returns the metrics when ``eval.every`` divides it."""
 
-    def __init__(self, trainer) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         cfg = trainer.cfg
         self.every = cfg.eval.every
-        if not self.every:
-            return
         self.trainer = trainer
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         self.max_length = cfg.data.seq_length
@@ -43,11 +46,11 @@ class TrainingEval:
         except EvalInputError as err:
             raise ConfigError(f"eval: {err}") from None
         left_out = "".join(f"; {t} left out (needs {m} tokens)" for t, m in plan.left_out.items())
-        trainer._log(f"eval every {self.every} steps: {', '.join(plan.tasks)} at {', '.join(map(str, plan.lengths))} "
+        trainer.log(f"eval every {self.every} steps: {', '.join(plan.tasks)} at {', '.join(map(str, plan.lengths))} "
                      f"tokens, {cfg.eval.samples} samples each (scores in percent){left_out}")
 
-    def __call__(self, step: int) -> dict:
-        if not self.every or step % self.every:
+    def __call__(self, step: int) -> dict[str, float]:
+        if step % self.every:
             return {}
         t = self.trainer
         gpt = t.model.module
@@ -58,7 +61,7 @@ class TrainingEval:
             with torch.no_grad():
                 rope_mode = t.cfg.model.rope_positions
                 gen = Generator(gpt, t.vocab_size, rope_mode, self.tokenizer.eos_ids, self.max_length)
-                results = run_recall(gen, self.tokenizer.decode, self.samples, t.topo, t._log)
+                results = run_recall(gen, self.tokenizer.decode, self.samples, t.topo, t.log)
                 out = {f"eval/{task}/{n}": cell["score"] for task, cells in results["tasks"].items()
                        for n, cell in cells.items()}
                 if self.rows:
@@ -67,6 +70,6 @@ class TrainingEval:
         finally:
             gpt.train(was_training)
         out["eval/seconds"] = time.monotonic() - start
-        t._log(f"step {step}: evaluation in {out['eval/seconds']:.1f} s: " +
+        t.log(f"step {step}: evaluation in {out['eval/seconds']:.1f} s: " +
                ", ".join(f"{k[5:]} {v:.1f}" for k, v in out.items() if k.count("/") == 2 and "position" not in k))
         return out

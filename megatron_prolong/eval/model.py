@@ -1,61 +1,31 @@
-"""Load a trainer (or converted) checkpoint into a GPTModel for evaluation, in any TP/CP layout,
-and run it on one packed line the way training does (document layout, zigzag CP shards)."""
+"""A checkpoint's tokenizer and end-of-sequence ids for evaluation (the model itself is loaded by
+:func:`megatron_prolong.inference.load_model`), and one packed line run the way training does
+(document layout, zigzag CP shards)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_prolong import inference
 from megatron_prolong.attention.context_parallel import zigzag_indices
 from megatron_prolong.attention.layout import DocumentLayout
-from megatron_prolong.config import ParallelConfig, TrainConfig
-from megatron_prolong.convert import mcore
 from megatron_prolong.eval.rows import EvalInputError, boundaries
 from megatron_prolong.model.packed import DocumentPackedSeqParams, rope_positions
 from megatron_prolong.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, as_id_list, unique_ids
 
 
-def eval_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_eval_model(checkpoint: str | Path, parallel: ParallelConfig, dtype: str | None = None):
-    """(GPTModel in eval mode on this rank's device, checkpoint meta). Needs Megatron's groups initialised.
-
-    The plugin's document attention is used whatever backend the checkpoint was trained with, so
-    packed lines are scored per document on any machine; the weights are the same either way.
-    """
-    from megatron.core import dist_checkpointing
-
-    from megatron_prolong.model.builder import build_model, build_transformer_config
-
-    ckpt, meta = mcore.read_checkpoint(checkpoint)
-    mcore.verify_safe(ckpt)
-    model_cfg = replace(mcore.model_config_from_meta(meta), attention_backend="plugin")
-    if dtype is None:
-        reader = mcore.DistCheckpointReader(ckpt, prefix="")
-        dtype = mcore.dtype_name(reader.dtype("embedding.word_embeddings.weight"))
-    tconfig = build_transformer_config(model_cfg, parallel, TrainConfig(precision=dtype))
-    gpt = build_model(model_cfg, tconfig, int(meta["vocab_size"]), int(meta["seq_length"]), seed=0)
-    gpt.to(eval_device())
-    sd = {"model": gpt.sharded_state_dict(metadata=mcore.SHARDING_META)}
-    loaded = dist_checkpointing.load(sd, str(ckpt))
-    gpt.load_state_dict(loaded["model"])
-    gpt.eval()
-    return gpt, meta
-
-
 def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
     """The tokenizer the checkpoint was trained with (its Hugging Face folder, or the byte tokenizer)."""
-    ckpt, meta = mcore.read_checkpoint(checkpoint)
+    ckpt, meta = inference.read_checkpoint(checkpoint)
     if (meta.get("tokenizer") or {}).get("kind", "byte") == "byte":
         return ByteTokenizer()
-    folder = mcore.checkpoint_tokenizer(ckpt, meta)
+    folder = inference.checkpoint_tokenizer(ckpt, meta)
     if folder is None:
         raise EvalInputError(
             f"{ckpt}: its tokenizer ({meta['tokenizer'].get('path')}) is not there and the checkpoint has no "
@@ -67,7 +37,7 @@ def eos_ids(checkpoint: str | Path, tokenizer: Tokenizer) -> list[int]:
     """Every id that ends generation: the tokenizer's (its EOS and its folder's generation_config.json),
     the checkpoint's record and its own generation_config.json (e.g. Llama-3-Instruct's
     <|end_of_text|> and <|eot_id|>)."""
-    ckpt, meta = mcore.read_checkpoint(checkpoint)
+    ckpt, meta = inference.read_checkpoint(checkpoint)
     gen = ckpt / "generation_config.json"
     saved = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
     recorded = (meta.get("tokenizer") or {}).get("eos_token_id")

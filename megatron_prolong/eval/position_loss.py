@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_prolong import inference
 from megatron_prolong.eval.rows import EvalInputError, map_rows
 from megatron_prolong.eval.score import score_line
 
@@ -116,16 +117,15 @@ def position_loss_main(checkpoint: str | Path, data: str | Path, out: str | Path
                        dtype: str | None = None, max_sequences: int | None = None) -> dict:
     """``eval_long.py position-loss``: OUT/position_loss.json and OUT/position_loss.png."""
     from megatron_prolong.config import ParallelConfig
-    from megatron_prolong.convert.mcore import megatron_session
-    from megatron_prolong.eval.model import load_eval_model, load_tokenizer
+    from megatron_prolong.eval.model import load_tokenizer
     from megatron_prolong.tokenizer import encode_prompt
 
     tokenizer = load_tokenizer(checkpoint)
     rows = read_sequences(data, lambda t: encode_prompt(tokenizer, t), max_sequences)
     if not rows:
         raise EvalInputError(f"--data {data} holds no sequences")
-    with megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
-        gpt, meta = load_eval_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
+    with inference.megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
+        gpt, meta = inference.load_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
         result = position_loss(gpt, rows, int(meta["vocab_size"]), meta["model"].get("rope_positions", "continuous"),
                                int(meta["seq_length"]), topo)
         if topo.rank == 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_prolong import inference
 from megatron_prolong.eval.generate import Generator
 from megatron_prolong.eval.metrics import qa_metrics, ruler_recall
 from megatron_prolong.eval.rows import map_rows
@@ -118,18 +119,17 @@ def recall_main(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[
                 max_length: int | None = None) -> dict:
     """``eval_long.py recall``: results.json, samples.jsonl, recall_heatmap.png under ``out``."""
     from megatron_prolong.config import ParallelConfig
-    from megatron_prolong.convert.mcore import megatron_session, read_checkpoint
-    from megatron_prolong.eval.model import eos_ids, load_eval_model, load_tokenizer
+    from megatron_prolong.eval.model import eos_ids, load_tokenizer
     from megatron_prolong.tokenizer import encode_prompt
 
     haystack_text, haystack_info = read_haystack(haystack_file)
     check_tasks(list(tasks), haystack_text)
     tokenizer = load_tokenizer(checkpoint)
-    _, meta = read_checkpoint(checkpoint)
+    _, meta = inference.read_checkpoint(checkpoint)
     limit = max_length or int(meta["seq_length"])
     samples = build_samples(tasks, lengths, num, lambda t: encode_prompt(tokenizer, t), seed, haystack_text, limit)
-    with megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
-        gpt, meta = load_eval_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
+    with inference.megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
+        gpt, meta = inference.load_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
         gen = Generator(gpt, int(meta["vocab_size"]), meta["model"].get("rope_positions", "continuous"),
                         eos_ids(checkpoint, tokenizer), limit)
         log = print if topo.rank == 0 else (lambda msg: None)

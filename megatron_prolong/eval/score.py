@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_prolong import inference
 from megatron_prolong.attention.context_parallel import zigzag_indices
 from megatron_prolong.eval.model import forward_hidden, output_logits, packed_line, vocab_parallel_logprobs
 from megatron_prolong.eval.rows import map_rows, read_lines, write_rows
@@ -61,12 +62,10 @@ def score_file(checkpoint: str | Path, input_path: str | Path, output_path: str 
                dtype: str | None = None, chunk: int = 2048) -> int:
     """Score every line; data-parallel ranks split the lines, rank 0 writes the output (atomically)."""
     from megatron_prolong.config import ParallelConfig
-    from megatron_prolong.convert.mcore import megatron_session
-    from megatron_prolong.eval.model import load_eval_model
 
     rows = read_lines(input_path)
-    with megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
-        gpt, meta = load_eval_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
+    with inference.megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
+        gpt, meta = inference.load_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
         vocab_size = int(meta["vocab_size"])
         rope_mode = meta["model"].get("rope_positions", "continuous")
         results = map_rows(rows, lambda row: {"token_logprobs": score_line(

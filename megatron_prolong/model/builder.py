@@ -20,8 +20,8 @@ from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, T
 from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
 from megatron_prolong.model.norm import RMSNorm
-from megatron_prolong.model.te_checkpoint import TECheckpointGPTModel
 from megatron_prolong.model.rope import RopeAngles, resolve_rope
+from megatron_prolong.te.checkpoint import TECheckpointGPTModel
 
 
 @dataclass

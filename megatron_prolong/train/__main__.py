@@ -7,11 +7,15 @@ configuration without starting anything (Hydra's own flag).
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_prolong.config import ConfigError, ProLongConfig, register_configs, validate
+
+if TYPE_CHECKING:
+    from megatron_prolong.train.loop import StepHook, Trainer
 
 register_configs()
 
@@ -39,6 +43,16 @@ def check_memory(cfg: ProLongConfig, world_size: int) -> None:
         print(f"megatron-prolong: warning: {err}", file=sys.stderr, flush=True)
 
 
+def training_hooks(trainer: Trainer) -> list[StepHook]:
+    """In-training evaluation when ``eval.every`` is set; it builds its samples when made, so
+    missing inputs fail before step 1."""
+    if not trainer.cfg.eval.every:
+        return []
+    from megatron_prolong.eval.in_training import TrainingEval
+
+    return [TrainingEval(trainer)]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
     from megatron_prolong.parallel.distributed import world_size_from_env
@@ -57,7 +71,7 @@ def main(raw: DictConfig) -> None:
     # Heavy imports only once the configuration is known to be valid.
     from megatron_prolong.train.run import run
 
-    run(cfg, OmegaConf.to_yaml(raw, resolve=True))
+    run(cfg, OmegaConf.to_yaml(raw, resolve=True), hooks=training_hooks)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from megatron_prolong.config import ModelConfig
 from megatron_prolong.train import mcore_fixes
+from megatron_prolong.train.optim import inner_optimizers
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "prolong_meta.json"
@@ -204,7 +205,7 @@ def prune_plan(steps: list[int], keep_last: int | None, keep_every: int | None) 
 
 
 def _param_groups(optimizer) -> list[dict]:
-    return [g for inner in mcore_fixes.inner_optimizers(optimizer) for g in inner.param_groups]
+    return [g for inner in inner_optimizers(optimizer) for g in inner.param_groups]
 
 
 @contextlib.contextmanager

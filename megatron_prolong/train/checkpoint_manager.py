@@ -26,7 +26,6 @@ from megatron_prolong.config import ProLongConfig
 from megatron_prolong.parallel.distributed import Topology
 from megatron_prolong.tokenizer import Tokenizer, checkpoint_record
 from megatron_prolong.train import checkpoint as ckpt
-from megatron_prolong.train import mcore_fixes
 from megatron_prolong.train.memory import rank_params
 
 if TYPE_CHECKING:
@@ -122,9 +121,6 @@ class CheckpointManager:
                      "tokenizer": checkpoint_record(cfg.tokenizer, tokenizer), "format": "megatron-prolong/1",
                      "layout": self._layout()}
         self.tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.kind == "hf" else None
-        note = mcore_fixes.apply()
-        if note:
-            log(note)
 
     # -- start ---------------------------------------------------------------------------------
     def will_load(self) -> bool:

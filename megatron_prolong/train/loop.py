@@ -6,6 +6,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -17,17 +18,18 @@ from megatron_prolong.config import ProLongConfig
 from megatron_prolong.data.loader import MixtureLoader
 from megatron_prolong.data.metrics import DomainTracker
 from megatron_prolong.data.synthetic import write_synthetic_corpus
-from megatron_prolong.eval.in_training import TrainingEval
 from megatron_prolong.model.loss import BlockwiseLoss
 from megatron_prolong.model.builder import build_model, build_transformer_config, resolve_attention_backend
 from megatron_prolong.parallel.distributed import Topology
 from megatron_prolong.tokenizer import build_tokenizer
+from megatron_prolong.train import mcore_fixes
 from megatron_prolong.train.checkpoint_manager import CheckpointManager
 from megatron_prolong.train.flops import PeakAlarm, gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
 from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, signals_deferred
-from megatron_prolong.train.step import LossStats, forward_step, prepare_micro_batch, prepare_te_micro_batch
+from megatron_prolong.train.stats import reduce_step_stats
+from megatron_prolong.train.step import forward_step, prepare_micro_batch, prepare_te_micro_batch
 
 
 def _device() -> torch.device:
@@ -38,11 +40,29 @@ class Preempted(Exception):
     """The run saved a checkpoint after a preemption signal and should exit for a requeue."""
 
 
+class StepHook(Protocol):
+    """Called after every step with the step number; returns metrics to log with that step (empty
+    when it has nothing to add). In-training evaluation is one, attached by the entry point."""
+
+    def __call__(self, step: int) -> dict[str, float]: ...
+
+
 class Trainer:
+    """``Trainer(cfg, topo).build()`` sets everything up (data, model, optimizer, the checkpoint to
+    start from); append :class:`StepHook` s to ``hooks``; then :meth:`run` (or :meth:`train_step`)."""
+
     def __init__(self, cfg: ProLongConfig, topo: Topology) -> None:
         self.cfg, self.topo = cfg, topo
         self.run_dir = Path(cfg.run.dir)
         self.device = _device()
+        self.hooks: list[StepHook] = []
+
+    def build(self) -> Trainer:
+        """Write the demo corpus (rank 0), build loader, model and optimizer, restore the checkpoint."""
+        cfg, topo = self.cfg, self.topo
+        note = mcore_fixes.apply()  # Megatron-Core work-arounds, before any optimizer state is loaded
+        if note:
+            self.log(note)
         tokenizer = build_tokenizer(cfg.tokenizer)
         self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
 
@@ -59,12 +79,14 @@ class Trainer:
         )
         self.backend = resolve_attention_backend(cfg.model)
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.train, cfg.kernels)
+        # The one place the loss is divided: _loss_func returns sums (loss, tokens) and Megatron's
+        # finalize_model_grads (per-token mode) scales the gradients by 1 / the global token count.
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, tokenizer, self._log)
+        self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, tokenizer, self.log)
         init = not self.checkpoints.will_load()
         model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed, init=init)
-        self._log(f"random initialisation: drawn from seed {t.seed}" if init else
-                  "random initialisation: skipped, a checkpoint will be loaded into every parameter")
+        self.log(f"random initialisation: drawn from seed {t.seed}" if init else
+                 "random initialisation: skipped, a checkpoint will be loaded into every parameter")
         model.to(self.device)
         self.model = DistributedDataParallel(
             config=self.tconfig,
@@ -85,9 +107,10 @@ class Trainer:
         p = cfg.parallel
         self.peak_alarm = PeakAlarm(cfg.train.gpu, f"tp={p.tp} pp={p.pp} cp={p.cp} dp={topo.dp_size}", topo.is_logger)
         self.skipped_in_row = 0
-        self._log(self.checkpoints.size_report())
+        self.log(self.checkpoints.size_report())
         self.step, train_state = self.checkpoints.restore(self.model, self.optimizer, self.scheduler)
         self.load_train_state(train_state or {})
+        return self
 
     # -- checkpoints ---------------------------------------------------------------------------
     def train_state(self) -> dict:
@@ -108,11 +131,18 @@ class Trainer:
             self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, train_state=self.train_state())
 
     # -- training ------------------------------------------------------------------------------
-    def _log(self, msg: str) -> None:
+    def log(self, msg: str) -> None:
         if self.topo.is_logger:
             print(f"[megatron-prolong] {msg}", flush=True)
 
-    def train_step(self) -> dict:
+    def use_loader(self, loader: MixtureLoader) -> None:
+        """Train on another loader from now on (benchmarks: one data layout at a time)."""
+        self.loader = loader
+        self.domains = DomainTracker(loader.domain_names)
+
+    def train_step(self, update: bool = True) -> dict:
+        """One optimizer step over the global batch. ``update=False`` leaves out gradient norm and
+        optimizer step (benchmarks of models whose optimizer states do not fit)."""
         cfg, topo = self.cfg, self.topo
         start = time.monotonic()
         raw = self.loader.next_step()
@@ -138,15 +168,14 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False,
         )
-        totals = self._reduce_stats(outputs, local_flops)
-        step_flops = totals[-1, 0].item()
-        totals = totals[:-1]
-        loss_sum, loss_tokens = totals.sum(dim=0)[2:].tolist()
-        loss = loss_sum / max(loss_tokens, 1.0)
+        stats = reduce_step_stats(outputs, local_flops, topo, len(self.domains.domain_names),
+                                  cfg.data.seq_length, self.device)
+        step_flops, loss_tokens = stats.flops, stats.loss_tokens
+        loss = stats.loss_sum / max(loss_tokens, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]  # this step's; the scheduler moves on in the step
-        ok, grad_norm = self._optimizer_step(loss)
+        ok, grad_norm = self._optimizer_step(loss) if update else (True, float("nan"))
         self.step += 1
-        self.domains.add_totals(totals)
+        self.domains.add_totals(stats.domains)
         step_tokens = cfg.train.global_batch_size * cfg.data.seq_length
         self.tokens_seen += step_tokens
         elapsed = time.monotonic() - start
@@ -181,8 +210,8 @@ class Trainer:
         self.skipped_total += 1
         self.skipped_in_row += 1
         limit = self.cfg.train.max_skipped_steps_in_row
-        self._log(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} not finite, update skipped "
-                  f"({self.skipped_in_row} in a row, limit train.max_skipped_steps_in_row={limit})")
+        self.log(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} not finite, update skipped "
+                 f"({self.skipped_in_row} in a row, limit train.max_skipped_steps_in_row={limit})")
         if self.skipped_in_row >= limit:
             raise RuntimeError(
                 f"{self.skipped_in_row} steps in a row had a non-finite loss or gradient (last at step "
@@ -191,41 +220,22 @@ class Trainer:
             )
         return False, grad_norm
 
-    def _reduce_stats(self, outputs: list[dict], local_flops: float) -> torch.Tensor:
-        """Per-domain (samples, tokens, loss_sum, loss_tokens) over the global batch, on every rank;
-        the last row holds the step's model FLOPs (attention counted for document-masked pairs)."""
-        topo = self.topo
-        buf = torch.zeros(len(self.domains.domain_names) + 1, 4, dtype=torch.float64, device=self.device)
-        buf[-1, 0] = float(local_flops)
-        if topo.is_last_stage and topo.tp_rank == 0:
-            for out in outputs:
-                stats: LossStats = out["stats"]
-                d = stats.domain.to(self.device)
-                if topo.cp_rank == 0:  # CP ranks share samples; count them once
-                    buf[:-1, 0].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
-                    buf[:-1, 1].index_add_(0, d, torch.full_like(d, self.cfg.data.seq_length, dtype=torch.float64))
-                buf[:-1, 2].index_add_(0, d, stats.loss_sum.double())
-                buf[:-1, 3].index_add_(0, d, stats.tokens.double())
-        dist.all_reduce(buf)
-        return buf
-
     def run(self) -> None:
         cfg = self.cfg
         total = cfg.train.steps
         if self.step >= total:
-            self._log(f"run in {self.run_dir} is already complete ({self.step}/{total} steps); "
-                      "give another run.dir to start a new run")
+            self.log(f"run in {self.run_dir} is already complete ({self.step}/{total} steps); "
+                     "give another run.dir to start a new run")
             return
-        evaluate = TrainingEval(self)  # eval.every: builds its samples now, so bad settings fail before step 1
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard, self.step) if self.topo.is_logger else None
         preemption = PreemptionHandler(deadline_s=cfg.parallel.timeout_minutes * 60)
-        self._log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
-                  f"attention backend {self.backend}, "
-                  f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={self.topo.dp_size}")
+        self.log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
+                 f"attention backend {self.backend}, "
+                 f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={self.topo.dp_size}")
         try:
             while self.step < total:
                 record = self.train_step()
-                evals = evaluate(self.step)
+                evals = {k: v for hook in self.hooks for k, v in hook(self.step).items()}
                 if evals or self.step % cfg.log.interval == 0 or self.step == total:
                     record.update({**self.domains.as_dict(), **evals})
                     if writer:
@@ -234,8 +244,8 @@ class Trainer:
                 if stop or self.checkpoints.due(self.step):
                     self.save()
                 if stop and self.step < total:
-                    self._log(f"{preemption.signal_name}: checkpointed at step {self.step}; exiting with "
-                              f"{REQUEUE_EXIT_CODE} so the job is requeued")
+                    self.log(f"{preemption.signal_name}: checkpointed at step {self.step}; exiting with "
+                             f"{REQUEUE_EXIT_CODE} so the job is requeued")
                     raise Preempted()
         finally:
             preemption.restore()

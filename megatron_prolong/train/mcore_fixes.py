@@ -1,6 +1,6 @@
 """Work-arounds for Megatron-Core 0.19 on the path without Apex/Transformer Engine (torch Adam).
 
-They are applied explicitly (``apply()``, by the checkpoint manager) and only on the Megatron-Core
+They are applied explicitly (``apply()``, first thing in ``Trainer.build``) and only on the Megatron-Core
 minor version they were written against; on another version nothing is patched and ``apply``
 says so, because the private method they wrap may have changed meaning.
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from megatron.core import package_info
 from megatron.core.optimizer import distrib_optimizer
+
+from megatron_prolong.train.optim import inner_optimizers
 
 FOR_VERSION = (0, 19)
 _DistOpt = distrib_optimizer.DistributedOptimizer
@@ -58,10 +60,6 @@ def apply() -> str | None:
 
 def applied() -> bool:
     return _DistOpt._set_main_param_and_optimizer_states is _set_states_keeping_step
-
-
-def inner_optimizers(optimizer) -> list:
-    return [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
 def materialize_adam_state(optimizer) -> bool:

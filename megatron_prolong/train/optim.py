@@ -13,7 +13,8 @@ def min_lr(train: TrainConfig) -> float:
     return train.min_lr if train.min_lr is not None else train.lr * train.min_lr_ratio
 
 
-def _inner_optimizers(optimizer: MegatronOptimizer) -> list:
+def inner_optimizers(optimizer: MegatronOptimizer) -> list:
+    """The torch optimizers inside Megatron's (one per parameter group kind of a chained optimizer)."""
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
 
@@ -22,7 +23,7 @@ def use_fused_adam(optimizer: MegatronOptimizer) -> None:
     """Without TE or Apex, Megatron builds torch's AdamW with its default multi-tensor (foreach)
     implementation: about a dozen passes over the fp32 master weights and moments. torch's fused
     implementation does the update in one kernel per parameter group chunk, same math."""
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False

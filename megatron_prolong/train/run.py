@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_prolong.config import ProLongConfig
 from megatron_prolong.parallel.cpu_compat import cpu_compat
 from megatron_prolong.parallel.distributed import init_distributed, shutdown
 from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE
 
+if TYPE_CHECKING:
+    from megatron_prolong.train.loop import StepHook, Trainer
 
-def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
+
+def run(cfg: ProLongConfig, resolved_yaml: str,
+        hooks: Callable[[Trainer], list[StepHook]] = lambda trainer: []) -> None:
+    """``hooks`` gives the built trainer's step hooks (the entry point's in-training evaluation)."""
     with cpu_compat():
         from megatron_prolong.train.loop import Preempted, Trainer
 
@@ -21,7 +28,9 @@ def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
             if topo.rank == 0:
                 Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
                 (Path(cfg.run.dir) / "config.yaml").write_text(resolved_yaml)
-            Trainer(cfg, topo).run()
+            trainer = Trainer(cfg, topo).build()
+            trainer.hooks.extend(hooks(trainer))
+            trainer.run()
         except Preempted:
             preempted = True
         finally:

@@ -17,7 +17,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.attention.layout import DocumentLayout
 from megatron_prolong.attention.split import split_for
-from megatron_prolong.attention.te_thd import te_thd_packing
+from megatron_prolong.te.thd import te_thd_packing
 from megatron_prolong.model.packed import DocumentPackedSeqParams, rope_positions
 
 

@@ -43,32 +43,31 @@ def _check(group, backends):
     )
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if True:
-        for ci, name in enumerate(CASES):
-            rows = LAYOUTS[name]
-            b = len(rows)
-            layout = DocumentLayout.from_lengths(rows)
-            g = torch.Generator().manual_seed(1000 + ci)  # same full tensors on every rank
-            q = torch.randn(S, b, 4, 8, dtype=torch.float64, generator=g).requires_grad_()
-            k = torch.randn(S, b, 2, 8, dtype=torch.float64, generator=g).requires_grad_()
-            v = torch.randn(S, b, 2, 8, dtype=torch.float64, generator=g).requires_grad_()
-            ref = dense_attention(q, k, v, rows)
-            go = torch.randn(ref.shape, dtype=torch.float64, generator=g)
-            gq, gk, gv = torch.autograd.grad(ref, (q, k, v), go)
-            splits = {"zigzag": zigzag_split(layout, world), "balanced": balanced_split(layout, world),
-                      "spread": spread_split(layout, world, min_chunk=2)}
-            for backend, (kind, split) in ((b_, kv) for b_ in backends for kv in splits.items()):
-                mine = lambda t: split.shard(t.transpose(0, 1), rank).transpose(0, 1)
-                ql, kl, vl = (mine(t.detach()).requires_grad_() for t in (q, k, v))
-                out = document_attention(ql, kl, vl, layout, cp_group=group, split=split,
-                                         backend=backend)
-                what_ = f"CP={world} {name}/{backend}/{kind} rank {rank}"
-                err = (out - mine(ref)).abs().max().item()
-                assert err < TOL, f"{what_}: output off by {err}"
-                out.backward(mine(go))
-                for t, full, what in ((ql, gq, "q"), (kl, gk, "k"), (vl, gv, "v")):
-                    e = (t.grad - mine(full)).abs().max().item()
-                    assert e < TOL, f"{what_}: d{what} off by {e}"
+    for ci, name in enumerate(CASES):
+        rows = LAYOUTS[name]
+        b = len(rows)
+        layout = DocumentLayout.from_lengths(rows)
+        g = torch.Generator().manual_seed(1000 + ci)  # same full tensors on every rank
+        q = torch.randn(S, b, 4, 8, dtype=torch.float64, generator=g).requires_grad_()
+        k = torch.randn(S, b, 2, 8, dtype=torch.float64, generator=g).requires_grad_()
+        v = torch.randn(S, b, 2, 8, dtype=torch.float64, generator=g).requires_grad_()
+        ref = dense_attention(q, k, v, rows)
+        go = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        gq, gk, gv = torch.autograd.grad(ref, (q, k, v), go)
+        splits = {"zigzag": zigzag_split(layout, world), "balanced": balanced_split(layout, world),
+                  "spread": spread_split(layout, world, min_chunk=2)}
+        for backend, (kind, split) in ((b_, kv) for b_ in backends for kv in splits.items()):
+            mine = lambda t: split.shard(t.transpose(0, 1), rank).transpose(0, 1)
+            ql, kl, vl = (mine(t.detach()).requires_grad_() for t in (q, k, v))
+            out = document_attention(ql, kl, vl, layout, cp_group=group, split=split,
+                                     backend=backend)
+            what_ = f"CP={world} {name}/{backend}/{kind} rank {rank}"
+            err = (out - mine(ref)).abs().max().item()
+            assert err < TOL, f"{what_}: output off by {err}"
+            out.backward(mine(go))
+            for t, full, what in ((ql, gq, "q"), (kl, gk, "k"), (vl, gv, "v")):
+                e = (t.grad - mine(full)).abs().max().item()
+                assert e < TOL, f"{what_}: d{what} off by {e}"
 
 
 def test_cp_2_and_4_over_gloo_match_dense():

@@ -69,12 +69,11 @@ def megatron_logits(ckpt: Path, tokens: list[int]) -> torch.Tensor:
     """Full forward of the converted checkpoint's Megatron model on one document: [s, vocab] (real vocab)."""
     from megatron_prolong.attention.layout import DocumentLayout
     from megatron_prolong.config import ParallelConfig
-    from megatron_prolong.convert.mcore import megatron_session
-    from megatron_prolong.eval.model import load_eval_model
+    from megatron_prolong.inference import load_model, megatron_session
     from megatron_prolong.model.packed import DocumentPackedSeqParams
 
     with megatron_session():
-        gpt, meta = load_eval_model(ckpt, ParallelConfig())
+        gpt, meta = load_model(ckpt, ParallelConfig())
         s = len(tokens)
         packed = DocumentPackedSeqParams(qkv_format="sbhd", layout=DocumentLayout.single_document(1, s),
                                          positions=torch.arange(s)[:, None])

@@ -17,7 +17,7 @@ import torch
 from convert_helpers import make_hf_llama
 
 from megatron_prolong.convert.hf import hf_to_mcore, mcore_to_hf
-from megatron_prolong.convert.mcore import read_checkpoint
+from megatron_prolong.inference import read_checkpoint
 from megatron_prolong.tokenizer import HFTokenizer, tokenizer_files
 
 SMALL = ("model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",

@@ -9,7 +9,7 @@ import torch
 from convert_helpers import VOCAB, hf_logprobs, hf_state, make_hf_llama, megatron_logits
 
 from megatron_prolong.convert.hf import hf_to_mcore, mcore_to_hf
-from megatron_prolong.convert.mcore import read_checkpoint
+from megatron_prolong.inference import read_checkpoint
 
 VARIANTS = {
     "rope5e5-untied-gqa": dict(rope_theta=5e5),

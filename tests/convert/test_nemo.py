@@ -30,7 +30,8 @@ from convert_helpers import hf_state, make_hf_llama
 
 from megatron_prolong.convert import ConversionError
 from megatron_prolong.convert.hf import hf_to_mcore, mcore_to_hf
-from megatron_prolong.convert.mcore import DistCheckpointReader, megatron_session, model_config_from_meta, read_checkpoint
+from megatron_prolong.convert.mcore import DistCheckpointReader
+from megatron_prolong.inference import megatron_session, model_config_from_meta, read_checkpoint
 from megatron_prolong.convert.nemo import mcore_to_nemo2, nemo1_to_mcore, nemo2_to_mcore
 
 REPO = Path(__file__).resolve().parents[2]

@@ -64,7 +64,7 @@ def test_below_the_minimum_is_refused_naming_it(task, tokenizer):
 
 
 def test_the_issue_lengths_with_the_byte_tokenizer():
-    """Issue 21's failures: json_kv at 2048 (one pair is 80 bytes, more than 2 % of it), multi-key 3
+    """Failures seen before: json_kv at 2048 (one pair is 80 bytes, more than 2 % of it), multi-key 3
     at 1024, variable tracking below 4096; and the powers of two up to 8192."""
     encode = lambda text: encode_prompt(ByteTokenizer(), text)  # noqa: E731
     for task, length in [("json_kv", 2048), ("ruler_mk3", 1024), ("ruler_vt", 2304), ("ruler_vt", 3072)]:
@@ -82,7 +82,7 @@ def test_prompts_start_with_bos():
 
 
 def test_recall_refuses_short_lengths_before_loading_the_model(tmp_path, monkeypatch, capsys):
-    import megatron_prolong.eval.model as model
+    from megatron_prolong import inference
     from megatron_prolong.eval.cli import main
 
     ckpt = llama3_checkpoint(tmp_path, max_pos=4096)
@@ -91,7 +91,7 @@ def test_recall_refuses_short_lengths_before_loading_the_model(tmp_path, monkeyp
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(model, "load_eval_model", no_model)
+    monkeypatch.setattr(inference, "load_model", no_model)
     tok = llama3_tokenizer()
     encode = lambda text: encode_prompt(tok, text)  # noqa: E731
     mins = {t: minimum_length(t, 1, encode, 0) for t in ("json_kv", "ruler_vt")}

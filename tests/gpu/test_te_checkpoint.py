@@ -44,7 +44,7 @@ def _batch():
 
 def _logits(gpt, backend: str, mb) -> torch.Tensor:
     """[tokens, vocab] in the loader's row-major token order."""
-    from megatron_prolong.attention.te_thd import te_thd_packing
+    from megatron_prolong.te.thd import te_thd_packing
     from megatron_prolong.train.step import prepare_micro_batch, prepare_te_micro_batch
 
     dev = torch.device("cuda")
@@ -64,9 +64,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_plugin_checkpoint_loads_into_te_and_back(tmp_path):
     from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-    from megatron_prolong.convert.mcore import SHARDING_META, megatron_session, save_model, write_meta
+    from megatron_prolong.convert.mcore import save_model, write_meta
+    from megatron_prolong.inference import SHARDING_META, megatron_session
     from megatron_prolong.model.builder import build_model, build_transformer_config
-    from megatron_prolong.model.te_checkpoint import LAYER_TENSORS, SHARED_EXTRA_STATE, is_te_only_extra_state
+    from megatron_prolong.te.checkpoint import LAYER_TENSORS, SHARED_EXTRA_STATE, is_te_only_extra_state
     from megatron_prolong.train.checkpoint import load_checkpoint
 
     base = ModelConfig(num_layers=2, untie_embeddings=True)

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from megatron_prolong.attention import te_thd
+from megatron_prolong.te import thd as te_thd
 from megatron_prolong.config import ConfigError, ModelConfig, ProLongConfig, register_configs, validate
 from megatron_prolong.model import builder
 

@@ -54,7 +54,8 @@ def _config(*overrides: str) -> ProLongConfig:
 @pytest.mark.parametrize("mode", ["resume", "load"])
 def test_training_starts_from_the_checkpoints_exact_weights(saved, tmp_path, capsys, mode):
     """A resume (model and optimizer) and a model-only ``checkpoint.load``."""
-    from megatron_prolong.convert.mcore import DistCheckpointReader, megatron_session
+    from megatron_prolong.convert.mcore import DistCheckpointReader
+    from megatron_prolong.inference import megatron_session
     from megatron_prolong.train.checkpoint import resolve_checkpoint
 
     run_dir = tmp_path / "run"
@@ -67,7 +68,7 @@ def test_training_starts_from_the_checkpoints_exact_weights(saved, tmp_path, cap
     with megatron_session(cfg.parallel, cfg.train.seed) as topo:
         from megatron_prolong.train.loop import Trainer
 
-        trainer = Trainer(cfg, topo)
+        trainer = Trainer(cfg, topo).build()
         assert SKIPPED in capsys.readouterr().out
         params = dict(trainer.model.module.named_parameters())
         reader = DistCheckpointReader(resolve_checkpoint(saved.dir))

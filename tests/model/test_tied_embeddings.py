@@ -63,7 +63,7 @@ def _worker(rank: int, port: int, cfg: ProLongConfig, out: str) -> None:
 
         topo = init_distributed(cfg.parallel, cfg.train.seed)
         try:
-            trainer = Trainer(cfg, topo)
+            trainer = Trainer(cfg, topo).build()
             built = _copies_equal(trainer)
             trainer.train_step()
             stepped = _copies_equal(trainer)

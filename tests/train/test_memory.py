@@ -1,4 +1,6 @@
-"""The per-GPU memory estimate: its terms by hand, every recorded measured peak, and the refusal."""
+"""The per-GPU memory estimate: its terms by hand, regression checks against the recorded peaks it
+was fitted on and against its own earlier output, and the refusal. None of these measures accuracy
+on another layout: the only measurements are single-GPU (tp = cp = 1)."""
 
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ def test_layer_activations_at_64k_match_the_formula():
 
 
 @pytest.mark.parametrize("report", BENCH_REPORTS, ids=lambda p: p.name)
-def test_estimate_within_margin_of_every_recorded_peak(report):
-    """Peaks tools/bench.py measured on a GPU (the trainer's default kernels, 64K tokens, one GPU)."""
+def test_regression_estimate_within_margin_of_the_peaks_it_was_fitted_on(report):
+    """Peaks tools/bench.py measured on one GPU (the trainer's default kernels, 64K tokens, tp = cp = 1):
+    the same reports LAYER_FACTOR was fitted on, so this guards the fit, it does not validate it."""
     data = json.loads(report.read_text())
     records = list(bench_records(data))
     assert records, f"{report.name} holds no clean trainer measurement"
@@ -151,7 +154,9 @@ def test_logits_blocks_and_plugin_cp():
     assert plugin.activations - L * plugin_layer == L * 2 * 2 * 128 * 7 * S64
 
 
-def test_presets_layouts_fit_on_h100():
+def test_regression_preset_layouts_estimates_on_h100():
+    """Pins the estimator's own output for the presets' layouts (57.9 GiB at 64K): a change to any
+    term shows here. Not a measurement."""
     t64 = train()
     fit64 = check_fits(LLAMA, t64, par(tp=4, cp=2, sp=True), S64, world_size=64, gpu_memory_gib=79.6)
     assert fit64.total / GiB == pytest.approx(57.9, abs=0.1)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from trainrun import REPO, SMALL, _env, assert_losses_close, by_step, crashed_copy, train
 
-from megatron_prolong.convert.mcore import DistCheckpointReader, megatron_session
+from megatron_prolong.convert.mcore import DistCheckpointReader
+from megatron_prolong.inference import megatron_session
 
 RUN = (*SMALL, "train.steps=4", "parallel.distributed_optimizer=true")
 SOURCE = ("parallel.tp=1",)  # data-parallel 2: the distributed optimizer shards the state over 2 ranks

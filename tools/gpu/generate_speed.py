@@ -28,7 +28,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args()
     from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-    from megatron_prolong.convert.mcore import megatron_session
+    from megatron_prolong.inference import megatron_session
     from megatron_prolong.eval.generate import Generator
     from megatron_prolong.eval.score import score_line
     from megatron_prolong.model.builder import build_model, build_transformer_config

@@ -50,7 +50,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from megatron_prolong.config import ParallelConfig, TrainConfig, register_configs
-from megatron_prolong.convert.mcore import megatron_session, save_model, write_meta
+from megatron_prolong.convert.mcore import save_model, write_meta
+from megatron_prolong.inference import megatron_session
 from megatron_prolong.model.builder import build_model, build_transformer_config
 from megatron_prolong.tokenizer import ByteTokenizer
 register_configs()

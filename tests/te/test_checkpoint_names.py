@@ -1,4 +1,4 @@
-"""The TE <-> local name table of megatron_prolong.model.te_checkpoint against Megatron-Core 0.19.2.
+"""The TE <-> local name table of megatron_prolong.te.checkpoint against Megatron-Core 0.19.2.
 
 Local side: a real plugin-path model, its state-dict names and sharded checkpoint keys. TE side
 (Transformer Engine is not installed here): Megatron's own TE layer spec, which builds without TE
@@ -20,9 +20,9 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.identity_op import IdentityOp
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-from megatron_prolong.convert.mcore import SHARDING_META, megatron_session
+from megatron_prolong.inference import SHARDING_META, megatron_session
 from megatron_prolong.model.builder import build_model, build_transformer_config
-from megatron_prolong.model.te_checkpoint import (
+from megatron_prolong.te.checkpoint import (
     LAYER_TENSORS, MODEL_TENSORS, SHARED_EXTRA_STATE, is_te_only_extra_state,
 )
 

@@ -4,7 +4,7 @@ up-front validation of context-parallel settings."""
 import pytest
 import torch
 
-from megatron_prolong.attention.te_thd import (
+from megatron_prolong.te.thd import (
     padded_length,
     te_thd_packing,
     te_thd_partitioned_indices,
