@@ -206,7 +206,9 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
     if world_size % model_parallel:
         raise ConfigError(
             f"parallel.tp x parallel.pp x parallel.cp = {p.tp} x {p.pp} x {p.cp} = {model_parallel} "
-            f"does not divide the world size {world_size}; choose sizes whose product divides it"
+            f"does not divide the world size {world_size}; choose sizes whose product divides it, or "
+            f"start a multiple of {model_parallel} processes: torchrun --nproc_per_node {model_parallel} -m "
+            f"megatron_prolong.train ... (on Slurm: srun -n {model_parallel}, or the slurm/ launchers)"
         )
     dp = world_size // model_parallel
     if m.num_attention_heads % m.num_query_groups:

@@ -7,6 +7,7 @@ configuration without starting anything (Hydra's own flag).
 from __future__ import annotations
 
 import sys
+from importlib import resources
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,18 @@ register_configs()
 
 def _to_typed(raw: DictConfig) -> ProLongConfig:
     return OmegaConf.to_object(raw)
+
+
+def check_experiment(argv: list[str]) -> None:
+    """Refuse ``experiment=NAME`` naming no preset in one line, before Hydra composes anything (its
+    own error is a multi-line composition failure)."""
+    presets = sorted(f.name.removesuffix(".yaml") for f in resources.files("megatron_prolong.conf")
+                     .joinpath("experiment").iterdir() if f.name.endswith(".yaml"))
+    for arg in argv:
+        key, _, name = arg.lstrip("+").partition("=")
+        if key == "experiment" and name not in presets:
+            raise ConfigError(f"experiment={name} is not a preset; the presets are {', '.join(presets)} "
+                              "(names are lower case: experiment=prolong_64k)")
 
 
 def check_memory(cfg: ProLongConfig, world_size: int) -> None:
@@ -59,4 +72,9 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_experiment(sys.argv[1:])
+    except ConfigError as err:
+        print(f"megatron-prolong: invalid configuration: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()
