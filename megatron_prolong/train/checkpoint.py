@@ -64,13 +64,28 @@ def _replaced(final: Path) -> Path:
     return final.with_name(f".{final.name}.replaced")
 
 
+def repair_interrupted_save(root: Path) -> None:
+    """Put back the old copy of the tracked step when a re-save of it was killed between its two
+    renames. Several processes may call this at once (a multi-process tool): the first one moves
+    the copy and the others find it in place. The trainer has one rank call it, then a barrier."""
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        return
+    path = iter_dir(root, int(tracker.read_text().strip()))
+    if not path.exists() and _replaced(path).is_dir():
+        try:
+            os.replace(_replaced(path), path)
+        except FileNotFoundError:
+            if not path.is_dir():  # not another process's repair: the copy vanished
+                raise
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     tracker = root / TRACKER
     if not tracker.is_file():
         return None
+    repair_interrupted_save(root)
     path = iter_dir(root, int(tracker.read_text().strip()))
-    if not path.exists() and _replaced(path).is_dir():  # killed while re-saving this step: the old copy stands
-        os.replace(_replaced(path), path)
     if not (path / META).is_file():
         raise FileNotFoundError(
             f"{tracker} points at {path}, which is missing or incomplete; remove the tracker to start "

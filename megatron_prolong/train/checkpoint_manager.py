@@ -122,11 +122,21 @@ class CheckpointManager:
                      "tokenizer": checkpoint_record(cfg.tokenizer, tokenizer), "format": "megatron-prolong/1",
                      "layout": self._layout()}
         self.tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.kind == "hf" else None
+        self._repair_interrupted_saves()
         note = mcore_fixes.apply()
         if note:
             log(note)
 
     # -- start ---------------------------------------------------------------------------------
+    def _repair_interrupted_saves(self) -> None:
+        """One rank repairs a save killed between its renames (this run's and ``checkpoint.load``'s);
+        the others wait, then read (on a shared file system they would race on the rename)."""
+        if self.topo.rank == 0:
+            load = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None
+            for root in (self.root, *((load, load / "checkpoints") if load else ())):
+                ckpt.repair_interrupted_save(root)
+        torch.distributed.barrier()
+
     def will_load(self) -> bool:
         """Whether this start loads a checkpoint into every parameter (decided before the model is
         built, so that its random initialisation can be skipped)."""

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from trainrun import SMALL, assert_losses_close, by_step, start, train
+from trainrun import REPO, SMALL, _env, assert_losses_close, by_step, start, train
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -71,6 +74,51 @@ def test_killed_while_resaving_a_step_keeps_its_old_copy(uninterrupted, tmp_path
     (ckpts / "iter_0000012").rename(ckpts / ".iter_0000012.replaced")  # the state between the renames
     assert latest_checkpoint(ckpts) == ckpts / "iter_0000012"
     assert (ckpts / "iter_0000012" / "prolong_meta.json").is_file() and not (ckpts / ".iter_0000012.replaced").exists()
+
+
+def test_two_ranks_restart_after_a_save_killed_between_its_renames(uninterrupted, tmp_path):
+    """Both ranks of the restarted job find the interrupted save; one repairs it, the other waits."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted.dir, run_dir)
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "iter_0000012").rename(ckpts / ".iter_0000012.replaced")
+    resumed = train(run_dir, *SMALL, "train.steps=13", "checkpoint.save_interval=1", nproc=2)
+    assert f"resumed from {ckpts / 'iter_0000012'} at step 12" in resumed.output
+    assert sorted(p.name for p in ckpts.glob("*iter_*")) == [f"iter_{s:07d}" for s in range(1, 14)]
+
+
+# Two gloo ranks, released together by a barrier, each reading the latest checkpoint of a run whose
+# re-save was killed between its renames (what a multi-process tool does), many times over.
+RACE = textwrap.dedent("""
+    import os, sys, shutil
+    from pathlib import Path
+    import torch.distributed as dist
+    from megatron_prolong.train.checkpoint import latest_checkpoint
+    dist.init_process_group("gloo")
+    root = Path(sys.argv[1])
+    for attempt in range(int(sys.argv[2])):
+        if dist.get_rank() == 0:
+            shutil.rmtree(root, ignore_errors=True)
+            (root / ".iter_0000003.replaced").mkdir(parents=True)
+            (root / ".iter_0000003.replaced" / "prolong_meta.json").write_text("{}")
+            (root / "latest_checkpointed_iteration.txt").write_text("3")
+        dist.barrier()
+        assert latest_checkpoint(root) == root / "iter_0000003", attempt
+        dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_concurrent_readers_of_an_interrupted_save_do_not_race(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / "ckpts"), "300"], cwd=REPO,
+                              env=dict(_env(), RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
 
 
 def test_stage_transition_keeps_optimizer_and_restarts_schedule(uninterrupted, tmp_path):
