@@ -110,7 +110,8 @@ def watch_launcher(poll_s: float = PARENT_POLL_S) -> None:
 
 
 class SigtermDeadline:
-    """While open, a caught SIGTERM is answered within ``deadline_s`` (open and close in the main thread)."""
+    """While open, a caught SIGTERM (or SIGINT) is answered within ``deadline_s`` (open and close in the
+    main thread)."""
 
     def __init__(self, deadline_s: float) -> None:
         self.deadline_s = deadline_s
@@ -123,14 +124,16 @@ class SigtermDeadline:
     def _watch(self) -> None:
         first = False
         while data := os.read(self._read, 64):
-            if signal.SIGTERM not in data:
+            stops = [s for s in data if s in (signal.SIGTERM, signal.SIGINT)]  # Ctrl-C counts as SIGTERM
+            if not stops:
                 continue
-            if first:
-                exit_now("a second SIGTERM", SIGTERM_EXIT_CODE)
+            name, code = signal.Signals(stops[-1]).name, 128 + stops[-1]
+            if first or len(stops) > 1:
+                exit_now(f"a second {name}", code)
             first = True
             timer = threading.Timer(self.deadline_s, exit_now, args=(
-                f"still running {self.deadline_s:.0f} s after SIGTERM (blocked, e.g. in a collective on a hung "
-                "peer; the bound is parallel.timeout_minutes)", SIGTERM_EXIT_CODE))
+                f"still running {self.deadline_s:.0f} s after {name} (blocked, e.g. in a collective on a hung "
+                "peer; the bound is parallel.timeout_minutes)", code))
             timer.daemon = True  # a run that stops in time exits with its own code
             timer.start()
 

@@ -68,7 +68,12 @@ def main(raw: DictConfig) -> None:
     # Heavy imports only once the configuration is known to be valid.
     from megatron_prolong.train.run import run
 
-    run(cfg, OmegaConf.to_yaml(raw, resolve=True))
+    try:
+        run(cfg, OmegaConf.to_yaml(raw, resolve=True))
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took it over: nothing to save yet
+        print("megatron-prolong: interrupted (Ctrl-C) before the first step; nothing was saved", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

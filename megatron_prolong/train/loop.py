@@ -35,7 +35,12 @@ def _device() -> torch.device:
 
 
 class Preempted(Exception):
-    """The run saved a checkpoint after a preemption signal and should exit for a requeue."""
+    """The run saved a checkpoint after a stop signal and should exit with ``exit_code`` (75:
+    requeue me; 130: stopped by Ctrl-C)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
 class Trainer:
@@ -234,9 +239,11 @@ class Trainer:
                 if stop or self.checkpoints.due(self.step):
                     self.save()
                 if stop and self.step < total:
-                    self._log(f"{preemption.signal_name}: checkpointed at step {self.step}; exiting with "
-                              f"{REQUEUE_EXIT_CODE} so the job is requeued")
-                    raise Preempted()
+                    code = preemption.exit_code
+                    self._log(f"{preemption.signal_name}: checkpointed at step {self.step}; " + (
+                        f"exiting with {code} so the job is requeued" if code == REQUEUE_EXIT_CODE else
+                        f"stopped (exit {code}); the same command resumes from there"))
+                    raise Preempted(code)
         finally:
             preemption.restore()
             if writer:

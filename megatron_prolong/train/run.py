@@ -8,7 +8,6 @@ from pathlib import Path
 from megatron_prolong.config import ProLongConfig
 from megatron_prolong.parallel.cpu_compat import cpu_compat
 from megatron_prolong.parallel.distributed import init_distributed, shutdown
-from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE
 
 
 def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
@@ -16,15 +15,15 @@ def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
         from megatron_prolong.train.loop import Preempted, Trainer
 
         topo = init_distributed(cfg.parallel, cfg.train.seed)
-        preempted = False
+        exit_code = 0
         try:
             if topo.rank == 0:
                 Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
                 (Path(cfg.run.dir) / "config.yaml").write_text(resolved_yaml)
             Trainer(cfg, topo).run()
-        except Preempted:
-            preempted = True
+        except Preempted as stop:
+            exit_code = stop.exit_code
         finally:
             shutdown()
-    if preempted:
-        sys.exit(REQUEUE_EXIT_CODE)
+    if exit_code:
+        sys.exit(exit_code)

@@ -148,11 +148,8 @@ def test_mismatched_checkpoint_is_refused_in_words(uninterrupted, tmp_path):
     assert "does not fit the configured model" in run.output and "model.num_layers: checkpoint 4, config 2" in run.output
 
 
-def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path):
-    """The signal goes to the whole process group (as Slurm signals a step) after a first save has
-    started Megatron's checkpoint-writer helpers: they must survive it."""
-    run_dir = tmp_path / "run"
-    proc = start(run_dir, *SMALL, "train.steps=500", "checkpoint.save_interval=2",
+def _start_and_wait_for_a_save(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    proc = start(run_dir, *SMALL, "train.steps=500", "checkpoint.save_interval=2", *overrides,
                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
@@ -160,11 +157,35 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGUSR1)
+    return proc
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, 75), (signal.SIGTERM, 75), (signal.SIGINT, 130)],
+                         ids=["SIGUSR1", "SIGTERM", "SIGINT"])
+def test_stop_signal_to_the_group_checkpoints_and_exits(tmp_path, sig, code):
+    """The signal goes to the whole process group (as Slurm signals a step, GNU timeout its child, a
+    terminal a Ctrl-C) after a first save has started Megatron's checkpoint-writer helpers: they
+    must survive it. Preemptions exit 75 (requeue); Ctrl-C exits 130."""
+    run_dir = tmp_path / "run"
+    proc = _start_and_wait_for_a_save(run_dir)
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 75, out[-3000:]
+    assert proc.returncode == code, out[-3000:]
     step = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
-    assert 3 <= step < 500 and "SIGUSR1: checkpointed at step" in out
+    assert 3 <= step < 500 and f"{sig.name}: checkpointed at step {step}" in out
+    assert "Traceback" not in out and "Error" not in out, out[-3000:]
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    # Steps of several seconds: the second Ctrl-C comes long before the step boundary where the
+    # first one would checkpoint (two signals sent at once would arrive as one).
+    proc = _start_and_wait_for_a_save(tmp_path / "run", "data.seq_length=2048")
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "a second SIGINT; exiting now" in out, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
