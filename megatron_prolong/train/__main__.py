@@ -50,6 +50,17 @@ def check_memory(cfg: ProLongConfig, world_size: int) -> None:
         print(f"megatron-prolong: warning: {err}", file=sys.stderr, flush=True)
 
 
+def check_prepared_data(cfg: ProLongConfig) -> None:
+    """Data already prepared in the run folder must fit the configured sequence length."""
+    from megatron_prolong.data.synthetic import synthetic_corpus_exists
+
+    if cfg.data.synthetic:
+        try:
+            synthetic_corpus_exists(cfg.data.root, cfg.data.seq_length)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
     from megatron_prolong.parallel.distributed import world_size_from_env
@@ -58,6 +69,7 @@ def main(raw: DictConfig) -> None:
     try:
         validate(cfg, world_size_from_env())
         check_memory(cfg, world_size_from_env())
+        check_prepared_data(cfg)
         if cfg.eval.every:
             from megatron_prolong.eval.settings import check_training_eval
 

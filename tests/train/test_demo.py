@@ -48,3 +48,21 @@ def test_rerun_of_a_finished_run_does_nothing(demo):
 
     again = train(demo.dir)
     assert "already complete" in again.output
+
+
+def test_reused_run_dir_with_another_seq_length_is_refused_naming_the_old_data(demo, tmp_path):
+    """The run folder's prepared data records its sequence length: the mismatch is refused before
+    anything starts, saying why and what to do, and nothing in the folder changes."""
+    import shutil
+
+    from trainrun import train
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo.dir, run_dir)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    again = train(run_dir, "data.seq_length=256", check=False)
+    assert again.proc.returncode == 2, again.output[-3000:]
+    (line,) = [x for x in again.proc.stderr.splitlines() if x.startswith("megatron-prolong:")]
+    assert "prepared for data.seq_length=512" in line and "data.seq_length=256" in line
+    assert "Use a new run.dir, or delete" in line and "Traceback" not in again.output
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
