@@ -94,6 +94,7 @@ class KernelConfig:
 class CheckpointConfig:
     save_interval: int = 20  # steps; 0 disables periodic saves (the last step is always saved)
     load: str | None = None  # checkpoint to start a new run from (stage transitions)
+    resume_step: int | None = None  # resume this run from this saved step, not the latest (a damaged one)
     load_optimizer: bool = True
     keep_last: int | None = None  # keep the newest N checkpoints (None: keep all) ...
     keep_every: int | None = None  # ... plus every checkpoint whose step is a multiple of this

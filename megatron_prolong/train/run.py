@@ -12,6 +12,7 @@ from megatron_prolong.parallel.distributed import init_distributed, shutdown
 
 def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
     with cpu_compat():
+        from megatron_prolong.train.checkpoint import CheckpointError
         from megatron_prolong.train.loop import Preempted, Trainer
 
         topo = init_distributed(cfg.parallel, cfg.train.seed)
@@ -23,6 +24,9 @@ def run(cfg: ProLongConfig, resolved_yaml: str) -> None:
             Trainer(cfg, topo).run()
         except Preempted as stop:
             exit_code = stop.exit_code
+        except CheckpointError as err:  # refused before training, in one line
+            print(f"megatron-prolong: {err}", file=sys.stderr, flush=True)
+            exit_code = 2
         finally:
             shutdown()
     if exit_code:

@@ -121,6 +121,54 @@ def test_concurrent_readers_of_an_interrupted_save_do_not_race(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
 
 
+def test_damaged_latest_checkpoint_is_refused_naming_the_newest_intact_one(tmp_path):
+    """A shard truncated after the save (full disk, killed copy): refused in one line before anything
+    loads, naming the damage and the override; the override resumes, and the damaged one is kept."""
+    from megatron_prolong.train.checkpoint import damage
+
+    args = (*SMALL, "train.steps=6", "checkpoint.save_interval=2")
+    run = train(tmp_path / "run", *args)
+    ckpts = run.dir / "checkpoints"
+    (ckpts / "latest_checkpointed_iteration.txt").write_text("4")  # as if stopped after step 4
+    shard = ckpts / "iter_0000004" / "__0_0.distcp"
+    size = shard.stat().st_size
+    os.truncate(shard, size // 2)
+    refused = train(run.dir, *args, check=False)
+    assert refused.proc.returncode == 2, refused.output[-3000:]
+    (line,) = [x for x in refused.proc.stderr.splitlines() if x.startswith("megatron-prolong:")]
+    assert f"checkpoint {ckpts / 'iter_0000004'} is damaged: __0_0.distcp has {size // 2} bytes, the save wrote " \
+           f"{size}" in line
+    assert f"the newest intact one is {ckpts / 'iter_0000002'}: resume from it with checkpoint.resume_step=2" in line
+    assert "Traceback" not in refused.output and shard.stat().st_size == size // 2
+    resumed = train(run.dir, *args, "checkpoint.resume_step=2")
+    assert f"resumed from {ckpts / 'iter_0000002'} at step 2" in resumed.output
+    kept = ckpts / "iter_0000004.damaged" / "__0_0.distcp"
+    assert kept.stat().st_size == size // 2 and damage(ckpts / "iter_0000004") is None
+    again = train(run.dir, *SMALL, "train.steps=8", "checkpoint.save_interval=2", "checkpoint.resume_step=2")
+    assert f"resumed from {ckpts / 'iter_0000006'} at step 6" in again.output  # the override has done its job
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "remove"])
+def test_manifest_finds_each_kind_of_damage(tmp_path, how):
+    from megatron_prolong.train.checkpoint import damage, write_manifest
+
+    (tmp_path / "rng").mkdir()
+    (tmp_path / "rng" / "a.pt").write_bytes(b"0123456789")
+    (tmp_path / "common.pt").write_bytes(b"abc")
+    write_manifest(tmp_path)
+    assert damage(tmp_path) is None
+    f = tmp_path / "rng" / "a.pt"
+    if how == "truncate":
+        os.truncate(f, 4)
+    elif how == "flip":
+        f.write_bytes(b"0123456788")
+    else:
+        f.unlink()
+    expected = {"truncate": "rng/a.pt has 4 bytes, the save wrote 10", "flip": "rng/a.pt differs from what the save wrote",
+                "remove": "rng/a.pt is missing"}[how]
+    assert expected in damage(tmp_path)
+
+
 def test_stage_transition_keeps_optimizer_and_restarts_schedule(uninterrupted, tmp_path):
     stage1 = uninterrupted.dir  # peak lr 3e-3; stage 2 another one, as ProLong's scripts may use
     stage2 = train(tmp_path / "stage2", *SMALL, "train.steps=3", "model.rope_base=8e6", "train.lr=2e-3",
