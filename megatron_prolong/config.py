@@ -104,6 +104,7 @@ class CheckpointConfig:
 class LogConfig:
     interval: int = 1
     tensorboard: bool = True
+    verbose: bool = False  # also Megatron's configuration dumps and notices (train/console.py)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_prolong.config import ConfigError, ProLongConfig, register_configs, validate
+from megatron_prolong.train.console import quiet_libraries
 
 register_configs()
 
@@ -63,9 +64,11 @@ def check_prepared_data(cfg: ProLongConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
+    cfg = _to_typed(raw)
+    quiet_libraries(cfg.log.verbose)  # before Megatron is imported: its notices come at import
+
     from megatron_prolong.parallel.distributed import world_size_from_env
 
-    cfg = _to_typed(raw)
     try:
         validate(cfg, world_size_from_env())
         check_memory(cfg, world_size_from_env())
