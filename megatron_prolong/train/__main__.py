@@ -6,6 +6,7 @@ configuration without starting anything (Hydra's own flag).
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 
@@ -34,21 +35,23 @@ def check_experiment(argv: list[str]) -> None:
                               "(names are lower case: experiment=prolong_64k)")
 
 
-def check_memory(cfg: ProLongConfig, world_size: int) -> None:
-    """Refuse (or warn about) a layout whose estimated memory exceeds the GPU's, before starting."""
+def check_memory(cfg: ProLongConfig, world_size: int) -> str | None:
+    """Refuse (or warn about) a layout whose estimated memory exceeds the GPU's, before starting;
+    returns the estimate (None when not checked)."""
     from megatron_prolong.tokenizer import ByteTokenizer
     from megatron_prolong.train.memory import check_fits
 
     vocab = cfg.model.vocab_size or (ByteTokenizer.vocab_size if cfg.tokenizer.kind == "byte" else None)
     if cfg.train.memory_check == "off" or vocab is None:
-        return
+        return None
     try:
-        check_fits(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, world_size, vocab_size=vocab,
-                   gpu=cfg.train.gpu)
+        return str(check_fits(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, world_size,
+                              vocab_size=vocab, gpu=cfg.train.gpu))
     except ConfigError as err:
         if cfg.train.memory_check == "error":
             raise ConfigError(f"{err} (train.memory_check=warn or off to start anyway)") from None
         print(f"megatron-prolong: warning: {err}", file=sys.stderr, flush=True)
+        return None
 
 
 def check_prepared_data(cfg: ProLongConfig) -> None:
@@ -71,7 +74,7 @@ def main(raw: DictConfig) -> None:
 
     try:
         validate(cfg, world_size_from_env())
-        check_memory(cfg, world_size_from_env())
+        memory = check_memory(cfg, world_size_from_env())
         check_prepared_data(cfg)
         if cfg.eval.every:
             from megatron_prolong.eval.settings import check_training_eval
@@ -80,6 +83,11 @@ def main(raw: DictConfig) -> None:
     except ConfigError as err:
         print(f"megatron-prolong: invalid configuration: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if os.environ.get("PROLONG_DRY_RUN") == "1":  # the Slurm launchers' --dry-run: checked, nothing started
+        print(OmegaConf.to_yaml(raw, resolve=True), end="")
+        print(f"megatron-prolong: dry run at {world_size_from_env()} processes: configuration valid; memory "
+              f"estimate {memory or 'not checked (train.memory_check=off, or a warning above)'}", flush=True)
+        return
     # Heavy imports only once the configuration is known to be valid.
     from megatron_prolong.train.run import run
 
