@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from importlib import resources
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,11 @@ register_configs()
 
 def _to_typed(raw: DictConfig) -> ProLongConfig:
     return OmegaConf.to_object(raw)
+
+
+def refuse(err: ConfigError) -> NoReturn:
+    print(f"megatron-prolong: invalid configuration: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def check_experiment(argv: list[str]) -> None:
@@ -81,8 +87,7 @@ def main(raw: DictConfig) -> None:
 
             check_training_eval(cfg)
     except ConfigError as err:
-        print(f"megatron-prolong: invalid configuration: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        refuse(err)
     if os.environ.get("PROLONG_DRY_RUN") == "1":  # the Slurm launchers' --dry-run: checked, nothing started
         print(OmegaConf.to_yaml(raw, resolve=True), end="")
         print(f"megatron-prolong: dry run at {world_size_from_env()} processes: configuration valid; memory "
@@ -103,6 +108,5 @@ if __name__ == "__main__":
     try:
         check_experiment(sys.argv[1:])
     except ConfigError as err:
-        print(f"megatron-prolong: invalid configuration: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        refuse(err)
     main()
