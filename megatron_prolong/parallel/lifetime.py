@@ -9,8 +9,8 @@ Two backstops:
   multi-process rendezvous) therefore exits, with its own children, once its parent is gone. A
   single process started by hand is left alone (``nohup`` is a legitimate way to run it).
   Started by ``init_distributed``.
-- **SIGTERM deadline.** The trainer's preemption handler turns SIGTERM into "checkpoint at the
-  next step boundary". A Python signal handler only runs when the main thread is back in the
+- **SIGTERM deadline.** The trainer's preemption handler turns SIGTERM (and SIGINT, Ctrl-C) into
+  "checkpoint at the next step boundary". A Python signal handler only runs when the main thread is back in the
   interpreter; a rank blocked in a collective on a hung peer never gets there, so SIGTERM would
   be ignored until the collective timeout. The C-level handler still writes the signal number to
   the wakeup fd, which a thread watches: a second SIGTERM exits at once, and a process still
