@@ -250,7 +250,8 @@ def save_checkpoint(
         os.replace(tmp, final)
         shutil.rmtree(replaced, ignore_errors=True)
         _write_atomic(root / TRACKER, str(step))
-        for s in prune_plan(saved_steps(root), keep_last, keep_every):
+        # Checkpoints after this step (a resume from an earlier one, past a damaged one) are left alone.
+        for s in prune_plan([s for s in saved_steps(root) if s <= step], keep_last, keep_every):
             shutil.rmtree(iter_dir(root, s), ignore_errors=True)
     dist.barrier()
     return final

@@ -14,8 +14,11 @@ the run, not a preemption: it exits with ``INTERRUPT_EXIT_CODE`` (130, as a shel
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from multiprocessing.managers import SyncManager
 
@@ -63,9 +66,16 @@ class PreemptionHandler:
         self._deadline.close()
 
 
-def _ignore_stop_signals() -> None:
+def _helper_init(parent: int) -> None:
+    """In the helper: ignore the stop signals (the trainer handles them and needs the helper for its
+    last save), and die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an
+    ignored SIGTERM never leaves it behind."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the trainer died before the line above
+        os._exit(0)
 
 
 def start_checkpoint_writer_helpers() -> None:
@@ -74,7 +84,8 @@ def start_checkpoint_writer_helpers() -> None:
     ``timeout`` or a scheduler, cannot kill it: the save they ask for needs it (a dead one fails the
     save with BrokenPipeError). Python's resource tracker unblocks SIGINT/SIGTERM in this process
     when it starts, so it starts first; the manager then starts with the signals blocked and
-    ignores them for good. It ends with this process (multiprocessing's exit handlers)."""
+    ignores them for good. It ends with this process: multiprocessing's exit handlers, or, if this
+    process is killed, the kernel (parent-death signal)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from multiprocessing import resource_tracker
 
@@ -83,7 +94,7 @@ def start_checkpoint_writer_helpers() -> None:
     resource_tracker.ensure_running()
     with signals_deferred():
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_ignore_stop_signals)
+        manager.start(initializer=_helper_init, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # Megatron's get_write_results_queue() returns it
 
 

@@ -224,6 +224,29 @@ def test_stop_signal_to_the_group_checkpoints_and_exits(tmp_path, sig, code):
     assert "Traceback" not in out and "Error" not in out, out[-3000:]
 
 
+def test_checkpoint_writer_helper_dies_with_the_killed_trainer(tmp_path):
+    """The helper ignores the stop signals, so nothing but its parent's death may end it: SIGKILL the
+    trainer alone and the helper (and Python's resource tracker) must go too, closing the output pipe."""
+    from megatron_prolong.parallel.lifetime import descendants
+
+    proc = _start_and_wait_for_a_save(tmp_path / "run")
+    helpers = descendants(proc.pid)
+    assert helpers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)  # hangs while a helper holds the pipe open
+    deadline = time.monotonic() + 30
+    while alive := [p for p in helpers if _alive(p)]:
+        assert time.monotonic() < deadline, f"helpers outlived the trainer: {alive}"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_second_ctrl_c_exits_at_once(tmp_path):
     # Steps of several seconds: the second Ctrl-C comes long before the step boundary where the
     # first one would checkpoint (two signals sent at once would arrive as one).
