@@ -94,6 +94,7 @@ class KernelConfig:
 class CheckpointConfig:
     save_interval: int = 20  # steps; 0 disables periodic saves (the last step is always saved)
     load: str | None = None  # checkpoint to start a new run from (stage transitions)
+    resume_step: int | None = None  # resume this run from this saved step, not the latest (a damaged one)
     load_optimizer: bool = True
     keep_last: int | None = None  # keep the newest N checkpoints (None: keep all) ...
     keep_every: int | None = None  # ... plus every checkpoint whose step is a multiple of this
@@ -103,6 +104,7 @@ class CheckpointConfig:
 class LogConfig:
     interval: int = 1
     tensorboard: bool = True
+    verbose: bool = False  # also Megatron's configuration dumps and notices (train/console.py)
 
 
 @dataclass
@@ -206,7 +208,9 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
     if world_size % model_parallel:
         raise ConfigError(
             f"parallel.tp x parallel.pp x parallel.cp = {p.tp} x {p.pp} x {p.cp} = {model_parallel} "
-            f"does not divide the world size {world_size}; choose sizes whose product divides it"
+            f"does not divide the world size {world_size}; choose sizes whose product divides it, or "
+            f"start a multiple of {model_parallel} processes: torchrun --nproc_per_node {model_parallel} -m "
+            f"megatron_prolong.train ... (on Slurm: srun -n {model_parallel}, or the slurm/ launchers)"
         )
     dp = world_size // model_parallel
     if m.num_attention_heads % m.num_query_groups:

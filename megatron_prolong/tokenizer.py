@@ -42,6 +42,39 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def save_pretrained(self, folder: Path) -> None:
+        """Write it as a Hugging Face tokenizer (``tokenizer.json`` for ``tokenizers``): the same ids,
+        bytes 0-255 then ``<s>`` = BOS and ``</s>`` = EOS, BOS added in front of a text as in training.
+        An export then loads with ``AutoTokenizer`` and generates from a string prompt."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+        # Byte-level BPE without merges: one token per byte, through GPT-2's byte-to-character table.
+        tok = Tokenizer(models.BPE(vocab={_BYTE_CHARS[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", self.bos_id)])
+        assert tok.token_to_id("<s>") == self.bos_id and tok.token_to_id("</s>") == self.eos_id
+        folder.mkdir(parents=True, exist_ok=True)
+        tok.save(str(folder / "tokenizer.json"))
+        special = {"bos_token": "<s>", "eos_token": "</s>"}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+             "model_input_names": ["input_ids", "attention_mask"], **special},
+            indent=2))
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable character for each byte (the table byte-level tokenizers use)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+_BYTE_CHARS = _byte_chars()
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local folder (never from a hub)."""

@@ -202,10 +202,51 @@ prolong_srun_all() {
     # USR1 is ignored until the trainer installs its handler (an ignored signal stays ignored
     # across exec; Python's signal.signal replaces it).
     # shellcheck disable=SC2016  # $TMPDIR and $@ expand in the task's bash
-    prolong_run_bg srun --nodes="$NNODES" --ntasks="$ntasks" --ntasks-per-node="$GPUS_PER_NODE" \
-        --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-300}" --label \
-        "${PROLONG_CONTAINER_ARGS[@]}" "${extra[@]}" \
-        bash -c 'trap "" USR1; mkdir -p "$TMPDIR" && exec "$@"' prolong-task "$@"
+    local cmd=(srun --nodes="$NNODES" --ntasks="$ntasks" --ntasks-per-node="$GPUS_PER_NODE"
+        --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-300}" --label
+        "${PROLONG_CONTAINER_ARGS[@]}" "${extra[@]}"
+        bash -c 'trap "" USR1; mkdir -p "$TMPDIR" && exec "$@"' prolong-task "$@")
+    if [[ "${PROLONG_DRY_RUN:-0}" == 1 ]]; then
+        prolong_log "dry run, not launched: $(printf '%q ' "${cmd[@]}")"
+        PROLONG_RC=0
+        return 0
+    fi
+    prolong_run_bg "${cmd[@]}"
+}
+
+# ---- --help and --dry-run ------------------------------------------------------------------------
+# The calling script's header comment (its lines up to the #SBATCH block), then what all share.
+prolong_usage() {
+    local kind=$1 tool=${2:-}
+    sed -n '2,/^#SBATCH/{/^#SBATCH/d;s/^# \{0,1\}//;p}' "$0"
+    if [[ -n "$tool" ]]; then
+        cat <<EOF
+Usage: sbatch slurm/$kind.sh <arguments of $tool>   (bash slurm/$kind.sh --help: this text)
+The arguments go to python $tool unchanged; its own options: python $tool --help.
+EOF
+        return
+    fi
+    cat <<EOF
+Usage: sbatch [sbatch options] slurm/$kind.sh [--dry-run] [Hydra overrides]   (--help: this text)
+Overrides: everything after the script name goes to python -m megatron_prolong.train unchanged
+  (key=value, e.g. experiment=prolong_64k run.dir=/ckpt/stage1).
+Check first, on any machine: python -m megatron_prolong.train <overrides> --cfg job
+  prints the resolved configuration and starts nothing.
+--dry-run (or PROLONG_DRY_RUN=1) inside a job: prints the resolved configuration, checks it and
+  its memory estimate at the job's number of processes, prints the srun line, and exits.
+EOF
+}
+
+# $1: the kind, $2: the tool (empty: training); then the script's arguments. -h / --help: usage, exit.
+# Inside a job a tool's --help goes to the tool (its arguments pass through unchanged).
+prolong_help_if_asked() {
+    local kind=$1 tool=$2
+    shift 2
+    [[ -n "$tool" && -n "${SLURM_JOB_ID:-}" ]] && return 0
+    if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+        prolong_usage "$kind" "$tool"
+        exit 0
+    fi
 }
 
 # ---- run dir and logs ----------------------------------------------------------------------------
@@ -327,8 +368,17 @@ prolong_close_log() {
 # ---- entry points --------------------------------------------------------------------------------
 # Training (cpt.sh, sft.sh): everything after the script name goes to Hydra unchanged.
 prolong_train_job() {
-    prolong_init "$1"
+    local kind=$1
     shift
+    prolong_help_if_asked "$kind" "" "$@"
+    if [[ "${1:-}" == --dry-run ]]; then
+        PROLONG_DRY_RUN=1
+        shift
+    fi
+    prolong_init "$kind"
+    if [[ "${PROLONG_DRY_RUN:-0}" == 1 ]]; then
+        prolong_dry_run "$@"
+    fi
     if ! prolong_resolve_run_dir "$@"; then
         prolong_cleanup
         exit "$PROLONG_RC"
@@ -347,11 +397,23 @@ prolong_train_job() {
     prolong_finish "$PROLONG_RC"
 }
 
+# The resolved configuration and its memory estimate at the job's size (the trainer's dry run, one
+# process), then the srun line that would start training; exits with the check's code.
+prolong_dry_run() {
+    local rc=0
+    export PROLONG_DRY_RUN=1
+    WORLD_SIZE=$(( NNODES * GPUS_PER_NODE )) prolong_srun_one "$PROLONG_PYTHON" -m megatron_prolong.train "$@" || rc=$?
+    (( rc == 0 )) && prolong_srun_all "$PROLONG_PYTHON" -m megatron_prolong.train "$@"
+    prolong_cleanup
+    exit "$rc"
+}
+
 # A tool (convert.sh, eval.sh): "$@" goes to the tool unchanged; exit code is the tool's.
 # $2: processes per node to force (empty: GPUS_PER_NODE / --ntasks-per-node).
 prolong_tool_job() {
     local kind=$1 procs=$2 tool=$3
     shift 3
+    prolong_help_if_asked "$kind" "$tool" "$@"
     [[ -n "$procs" ]] && GPUS_PER_NODE=$procs
     prolong_init "$kind"
     [[ -n "$procs" ]] && NNODES=1

@@ -100,3 +100,24 @@ def test_layout_that_cannot_fit_is_refused_with_the_estimate(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "does not fit in GPU memory at data.seq_length=524288" in proc.stderr and "GiB" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["prolong_128k", "prolong_64K"])
+def test_unknown_experiment_is_refused_listing_the_presets(tmp_path, name):
+    """Hydra skips a missing *optional* group option: the tiny demo would train instead."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_prolong.train", f"run.dir={tmp_path}/run", f"experiment={name}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"experiment={name} is not a preset" in lines[0], proc.stderr
+    assert "prolong_512k, prolong_64k, prolong_sft" in lines[0]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigCompositionException, match=f"experiment/{name}"):  # compose() refuses it too
+        load(f"experiment={name}")
+
+
+def test_model_parallel_larger_than_the_world_says_how_to_launch():
+    with pytest.raises(ConfigError, match=r"torchrun --nproc_per_node 2 .*srun -n 2"):
+        validate(load("parallel.tp=2"), world_size=1)

@@ -18,7 +18,8 @@ from megatron_prolong.tokenizer import tokenizer_files
 
 @contextlib.contextmanager
 def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; it becomes ``out`` only if the block succeeds.
+    """Yield a temporary folder next to ``out``; it becomes ``out`` only if the block succeeds, with
+    the modes the user's umask gives (the temporary folder is private until then).
 
     On any error the temporary folder is removed and ``out`` is left as it was (absent).
     """
@@ -33,9 +34,21 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    share_as_umask_allows(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def share_as_umask_allows(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir`` / ``open`` would have under
+    the user's umask (0755 / 0644 with umask 022): ``mkdtemp`` made it owner-only, and colleagues on
+    a shared cluster must be able to read an export."""
+    umask = os.umask(0o077)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def copy_tokenizer(src: str | Path | None, dst: Path) -> bool:

@@ -20,7 +20,7 @@ from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert.common import atomic_output, copy_tokenizer, info, warn
 from megatron_prolong.convert.mapping import ConversionError, entries
 from megatron_prolong.convert.safetensors_io import SafetensorsReader, hf_tensors, parse_size, write_hf
-from megatron_prolong.tokenizer import TokenizerConfig, as_id_list, checkpoint_record, unique_ids
+from megatron_prolong.tokenizer import ByteTokenizer, TokenizerConfig, as_id_list, checkpoint_record, unique_ids
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # What Megatron's RotaryEmbedding hard-codes for Llama-3.1 scaling.
@@ -291,7 +291,7 @@ def mcore_to_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, s
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)
         elif record.get("kind") == "byte":
-            warn("the byte tokenizer has no Hugging Face files: ids 0-255 are bytes, BOS 256, EOS 257")
+            ByteTokenizer().save_pretrained(tmp)
         else:
             copy_tokenizer(inference.checkpoint_tokenizer(ckpt, meta), tmp)
     info(f"wrote {out} (rope_theta {model.rope_base:g}, max_position_embeddings {seq}, bos "

@@ -85,9 +85,10 @@ def synthetic_corpus_exists(root: str, seq_length: int | None = None) -> bool:
             return True
         if made.get("seq_length") != seq_length:
             raise ValueError(
-                f"data.root={root} holds a synthetic corpus made for seq_length="
-                f"{made.get('seq_length')}, but data.seq_length={seq_length}; remove its `long` and "
-                "`short` folders (or use another run.dir / data.root) to regenerate it"
+                f"data.root={root} holds the synthetic corpus prepared for data.seq_length="
+                f"{made.get('seq_length')} (recorded in its {MARKER}), but data.seq_length={seq_length}: "
+                "this run folder was used with another sequence length. Use a new run.dir, or delete "
+                f"{root} to prepare the data again"
             )
     return True
 
@@ -112,6 +113,7 @@ def write_synthetic_corpus(
     if seq_length < 2:
         raise ValueError(f"data.seq_length={seq_length} is too small for the synthetic corpus")
     tok = ByteTokenizer()
+    synthetic_corpus_exists(root, seq_length)  # refuses a corpus made for another length (kept as it is)
     os.makedirs(root, exist_ok=True)
     for d_idx, domain in enumerate(SYNTHETIC_DOMAINS):
         final = os.path.join(root, domain)

@@ -9,8 +9,8 @@ Two backstops:
   multi-process rendezvous) therefore exits, with its own children, once its parent is gone. A
   single process started by hand is left alone (``nohup`` is a legitimate way to run it).
   Started by ``init_distributed``.
-- **SIGTERM deadline.** The trainer's preemption handler turns SIGTERM into "checkpoint at the
-  next step boundary". A Python signal handler only runs when the main thread is back in the
+- **SIGTERM deadline.** The trainer's preemption handler turns SIGTERM (and SIGINT, Ctrl-C) into
+  "checkpoint at the next step boundary". A Python signal handler only runs when the main thread is back in the
   interpreter; a rank blocked in a collective on a hung peer never gets there, so SIGTERM would
   be ignored until the collective timeout. The C-level handler still writes the signal number to
   the wakeup fd, which a thread watches: a second SIGTERM exits at once, and a process still
@@ -110,7 +110,8 @@ def watch_launcher(poll_s: float = PARENT_POLL_S) -> None:
 
 
 class SigtermDeadline:
-    """While open, a caught SIGTERM is answered within ``deadline_s`` (open and close in the main thread)."""
+    """While open, a caught SIGTERM (or SIGINT) is answered within ``deadline_s`` (open and close in the
+    main thread)."""
 
     def __init__(self, deadline_s: float) -> None:
         self.deadline_s = deadline_s
@@ -123,14 +124,16 @@ class SigtermDeadline:
     def _watch(self) -> None:
         first = False
         while data := os.read(self._read, 64):
-            if signal.SIGTERM not in data:
+            stops = [s for s in data if s in (signal.SIGTERM, signal.SIGINT)]  # Ctrl-C counts as SIGTERM
+            if not stops:
                 continue
-            if first:
-                exit_now("a second SIGTERM", SIGTERM_EXIT_CODE)
+            name, code = signal.Signals(stops[-1]).name, 128 + stops[-1]
+            if first or len(stops) > 1:
+                exit_now(f"a second {name}", code)
             first = True
             timer = threading.Timer(self.deadline_s, exit_now, args=(
-                f"still running {self.deadline_s:.0f} s after SIGTERM (blocked, e.g. in a collective on a hung "
-                "peer; the bound is parallel.timeout_minutes)", SIGTERM_EXIT_CODE))
+                f"still running {self.deadline_s:.0f} s after {name} (blocked, e.g. in a collective on a hung "
+                "peer; the bound is parallel.timeout_minutes)", code))
             timer.daemon = True  # a run that stops in time exits with its own code
             timer.start()
 

@@ -5,13 +5,16 @@ Layout under ``<run.dir>/checkpoints``::
     iter_0000020/                 Megatron dist checkpoint (model, optimizer, scheduler, step)
         prolong_meta.json         model config, RoPE base, sequence length, tokenizer ids, saving layout
         tokenizer/                a Hugging Face tokenizer's files (exports and eval read them)
+        prolong_manifest.json     what the save wrote: every file's size, a CRC-32 of the small ones
         train_state.pt            the run's global state: data stream, counters (written once)
         rng/tp0_pp0_cp0_dp0.pt    RNG state of each parallel coordinate
     latest_checkpointed_iteration.txt
 
 The data stream and counters are global, so a checkpoint resumes on any number of processes.
 A save goes to ``.iter_XXXXXXX.tmp`` and is renamed when every rank has finished, and only then
-does the tracker move: a crash mid-save leaves the previous checkpoint loadable and tracked.
+does the tracker move: a crash mid-save leaves the previous checkpoint loadable and tracked. A
+checkpoint damaged later (a full disk, a killed copy) fails its manifest check before loading,
+and is never deleted or overwritten by the trainer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +45,8 @@ from megatron_prolong.train.optim import inner_optimizers
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "prolong_meta.json"
 TRAIN_STATE = "train_state.pt"
+MANIFEST = "prolong_manifest.json"
+CHECKSUM_MAX_BYTES = 64 << 20  # files up to this size also get a CRC-32 (metadata, small states): cheap
 RNG_DIR = "rng"
 # fully_reshardable: a checkpoint loads into any TP/PP/CP/DP layout (stage 2 may use another one).
 _SHARDING_META = {
@@ -65,19 +71,72 @@ def _replaced(final: Path) -> Path:
     return final.with_name(f".{final.name}.replaced")
 
 
+def repair_interrupted_save(root: Path) -> None:
+    """Put back the old copy of the tracked step when a re-save of it was killed between its two
+    renames. Several processes may call this at once (a multi-process tool): the first one moves
+    the copy and the others find it in place. The trainer has one rank call it, then a barrier."""
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        return
+    path = iter_dir(root, int(tracker.read_text().strip()))
+    if not path.exists() and _replaced(path).is_dir():
+        try:
+            os.replace(_replaced(path), path)
+        except FileNotFoundError:
+            if not path.is_dir():  # not another process's repair: the copy vanished
+                raise
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     tracker = root / TRACKER
     if not tracker.is_file():
         return None
+    repair_interrupted_save(root)
     path = iter_dir(root, int(tracker.read_text().strip()))
-    if not path.exists() and _replaced(path).is_dir():  # killed while re-saving this step: the old copy stands
-        os.replace(_replaced(path), path)
     if not (path / META).is_file():
         raise FileNotFoundError(
             f"{tracker} points at {path}, which is missing or incomplete; remove the tracker to start "
             "over, or restore that checkpoint"
         )
     return path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names it, what is wrong and what to do."""
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of a finished save: its size, and a CRC-32 of those up to CHECKSUM_MAX_BYTES."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        files[str(f.relative_to(folder))] = {"bytes": size, **({"crc32": _crc32(f)} if size <= CHECKSUM_MAX_BYTES else {})}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint against its manifest (None: intact, or saved without one)."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return None
+    for name, rec in json.loads(manifest.read_text())["files"].items():
+        f = Path(folder) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            return f"{name} has {size} bytes, the save wrote {rec['bytes']} (truncated: a full disk or a killed copy?)"
+        if "crc32" in rec and _crc32(f) != rec["crc32"]:
+            return f"{name} differs from what the save wrote (checksum mismatch)"
+    return None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -182,14 +241,18 @@ def save_checkpoint(
         (tmp / META).write_text(json.dumps(dict(meta, step=step), indent=2))
         if tokenizer_dir is not None:
             save_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
+        write_manifest(tmp)
         replaced = _replaced(final)
-        if final.exists():  # a save of a step saved before: the old copy goes only once the new one is in place
+        if final.exists() and damage(final):  # resumed from an earlier step past a damaged one: keep it aside
+            os.replace(final, final.with_name(f"{final.name}.damaged"))
+        elif final.exists():  # a save of a step saved before: the old copy goes only once the new one is in place
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)
         os.replace(tmp, final)
         shutil.rmtree(replaced, ignore_errors=True)
         _write_atomic(root / TRACKER, str(step))
-        for s in prune_plan(saved_steps(root), keep_last, keep_every):
+        # Checkpoints after this step (a resume from an earlier one, past a damaged one) are left alone.
+        for s in prune_plan([s for s in saved_steps(root) if s <= step], keep_last, keep_every):
             shutil.rmtree(iter_dir(root, s), ignore_errors=True)
     dist.barrier()
     return final

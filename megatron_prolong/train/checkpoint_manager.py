@@ -121,18 +121,65 @@ class CheckpointManager:
                      "tokenizer": checkpoint_record(cfg.tokenizer, tokenizer), "format": "megatron-prolong/1",
                      "layout": self._layout()}
         self.tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.kind == "hf" else None
+        self._repair_interrupted_saves()
+        self.resume = self._resume_from()
+        self._refuse_damaged()
 
     # -- start ---------------------------------------------------------------------------------
+    def _repair_interrupted_saves(self) -> None:
+        """One rank repairs a save killed between its renames (this run's and ``checkpoint.load``'s);
+        the others wait, then read (on a shared file system they would race on the rename)."""
+        if self.topo.rank == 0:
+            load = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None
+            for root in (self.root, *((load, load / "checkpoints") if load else ())):
+                ckpt.repair_interrupted_save(root)
+        torch.distributed.barrier()
+
+    def _resume_from(self) -> Path | None:
+        """This run's checkpoint a resume loads: ``checkpoint.resume_step``'s, else the latest."""
+        step = self.cfg.checkpoint.resume_step
+        latest = ckpt.latest_checkpoint(self.root)
+        if step is None:
+            return latest
+        if latest is not None and int(latest.name[5:]) > step and not ckpt.damage(latest):
+            # Saved past it since (a requeue repeats the command): the override has done its job.
+            self.log(f"note: checkpoint.resume_step={step} is older than this run's intact latest checkpoint; "
+                     f"resuming from {latest}")
+            return latest
+        path = ckpt.iter_dir(self.root, step)
+        if not (path / ckpt.META).is_file():
+            raise ckpt.CheckpointError(f"checkpoint.resume_step={step}: {path} is not a saved checkpoint; saved "
+                                       f"steps: {ckpt.saved_steps(self.root) or 'none'}")
+        return path
+
+    def _refuse_damaged(self) -> None:
+        """Check the checkpoint this start loads against what its save wrote, before anything is built."""
+        load = self.cfg.checkpoint.load
+        resume = self.resume
+        source = resume or (ckpt.resolve_checkpoint(load) if load else None)
+        problem = source and ckpt.damage(source)
+        if not problem:
+            return
+        if resume is None:
+            raise ckpt.CheckpointError(f"checkpoint.load: {source} is damaged: {problem}; load an intact copy")
+        older = [s for s in reversed(ckpt.saved_steps(self.root)) if s < int(source.name[5:])]
+        intact = next((s for s in older if not ckpt.damage(ckpt.iter_dir(self.root, s))), None)
+        advice = (f"the newest intact one is {ckpt.iter_dir(self.root, intact)}: resume from it with "
+                  f"checkpoint.resume_step={intact}" if intact is not None else
+                  "no older intact checkpoint is left: start a new run.dir")
+        raise ckpt.CheckpointError(f"checkpoint {source} is damaged: {problem}; {advice} (the damaged one is kept, "
+                                   f"and set aside as {source.name}.damaged when its step is saved again)")
+
     def will_load(self) -> bool:
         """Whether this start loads a checkpoint into every parameter (decided before the model is
         built, so that its random initialisation can be skipped)."""
-        return ckpt.will_load(self.root, self.cfg.checkpoint.load)
+        return self.resume is not None or ckpt.will_load(self.root, self.cfg.checkpoint.load)
 
     def restore(self, model: torch.nn.Module, optimizer: MegatronOptimizer,
                 scheduler: OptimizerParamScheduler) -> tuple[int, dict | None]:
         """Load what this start needs; returns (step, the run's train state on a resume, else None)."""
         c = self.cfg.checkpoint
-        latest = ckpt.latest_checkpoint(self.root)
+        latest = self.resume
         source = latest or (ckpt.resolve_checkpoint(c.load) if c.load else None)
         if source is None:
             return 0, None

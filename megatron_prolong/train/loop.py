@@ -23,8 +23,11 @@ from megatron_prolong.model.builder import build_model, build_transformer_config
 from megatron_prolong.parallel.distributed import Topology
 from megatron_prolong.tokenizer import build_tokenizer
 from megatron_prolong.train import mcore_fixes
+from megatron_prolong.train.checkpoint import iter_dir
 from megatron_prolong.train.checkpoint_manager import CheckpointManager
+from megatron_prolong.train.console import start_lines, summary_line
 from megatron_prolong.train.flops import PeakAlarm, gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
+from megatron_prolong.train.memory import estimate_memory, rank_params
 from megatron_prolong.train.metrics import MetricsWriter
 from megatron_prolong.train.optim import build_optimizer, build_scheduler
 from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, signals_deferred
@@ -37,7 +40,12 @@ def _device() -> torch.device:
 
 
 class Preempted(Exception):
-    """The run saved a checkpoint after a preemption signal and should exit for a requeue."""
+    """The run saved a checkpoint after a stop signal and should exit with ``exit_code`` (75:
+    requeue me; 130: stopped by Ctrl-C)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
 class StepHook(Protocol):
@@ -131,6 +139,13 @@ class Trainer:
             self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, train_state=self.train_state())
 
     # -- training ------------------------------------------------------------------------------
+    def _memory_estimate(self) -> str:
+        cfg = self.cfg
+        est = estimate_memory(cfg.model, cfg.train, cfg.parallel, cfg.data.seq_length, self.topo.world_size,
+                              vocab_size=self.vocab_size, gpu=cfg.train.gpu,
+                              attention_backend=self.backend)
+        return f"{est.total / 2**30:.1f} GiB per GPU of {est.gpu_memory / 2**30:.0f} GiB ({cfg.train.gpu})"
+
     def log(self, msg: str) -> None:
         if self.topo.is_logger:
             print(f"[megatron-prolong] {msg}", flush=True)
@@ -229,9 +244,10 @@ class Trainer:
             return
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard, self.step) if self.topo.is_logger else None
         preemption = PreemptionHandler(deadline_s=cfg.parallel.timeout_minutes * 60)
-        self.log(f"training {total} steps, {self.num_micro_batches} micro-batches/step, "
-                 f"attention backend {self.backend}, "
-                 f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={self.topo.dp_size}")
+        start_step, start_tokens, started = self.step, self.tokens_seen, time.monotonic()
+        for line in start_lines(cfg, rank_params(cfg.model, self.vocab_size, tp=1, pp=1), self.peak_alarm.layout,
+                                self.backend, self._memory_estimate(), self.step, self.num_micro_batches):
+            self.log(line)
         try:
             while self.step < total:
                 record = self.train_step()
@@ -244,9 +260,14 @@ class Trainer:
                 if stop or self.checkpoints.due(self.step):
                     self.save()
                 if stop and self.step < total:
-                    self.log(f"{preemption.signal_name}: checkpointed at step {self.step}; exiting with "
-                             f"{REQUEUE_EXIT_CODE} so the job is requeued")
-                    raise Preempted()
+                    code = preemption.exit_code
+                    self.log(f"{preemption.signal_name}: checkpointed at step {self.step}; " + (
+                        f"exiting with {code} so the job is requeued" if code == REQUEUE_EXIT_CODE else
+                        f"stopped (exit {code}); the same command resumes from there"))
+                    raise Preempted(code)
+            self.log(summary_line(cfg, start_step=start_step, step=self.step, tokens=self.tokens_seen - start_tokens,
+                                   seconds=time.monotonic() - started, loss=record["loss"],
+                                   checkpoint=iter_dir(self.checkpoints.root, self.step)))
         finally:
             preemption.restore()
             if writer:

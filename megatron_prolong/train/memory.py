@@ -46,7 +46,7 @@ Pipeline parallelism (1F1B): stage 0 holds min(pp, micro-batches per step) micro
 
 Context parallelism: the K/V of the whole sequence are all-gathered on every CP rank. Transformer
 Engine re-gathers them in the backward pass (a transient, counted in ``workspace``); the plugin's
-attention (``model.attention_backend=plugin``) keeps the gathered K/V for backward, an extra
+attention (``model.attention_backend=plugin``) keeps the rectangles' K/V for backward (at most the gathered K/V), an extra
 e x 2 kv x (cp - 1) x s per layer.
 
 Logits: the output layer and loss run on blocks of ``logits_block`` tokens (2,048, as ProLong),

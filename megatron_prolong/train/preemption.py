@@ -1,19 +1,26 @@
-"""Preemption: SIGTERM or SIGUSR1 asks the run to checkpoint at the next step boundary and exit.
+"""Preemption and Ctrl-C: SIGTERM, SIGUSR1 or SIGINT asks the run to checkpoint at the next step
+boundary and exit.
 
-SIGTERM is bounded: a second one, or ``deadline_s`` without reaching the exit, ends the process
-at once (``parallel.lifetime.SigtermDeadline``); a rank blocked on a hung peer never reaches a step
-boundary, and SIGTERM must not be ignored. SIGUSR1 (the Slurm scripts' "checkpoint, then
+SIGTERM and SIGINT are bounded: a second one, or ``deadline_s`` without reaching the exit, ends the
+process at once (``parallel.lifetime.SigtermDeadline``); a rank blocked on a hung peer never reaches
+a step boundary, and neither signal must be ignored. SIGUSR1 (the Slurm scripts' "checkpoint, then
 requeue", repeated until the step ends) waits for the step boundary however long it takes.
 
 The exit code ``REQUEUE_EXIT_CODE`` (75, EX_TEMPFAIL: "try again") tells the Slurm scripts to
-requeue the job; the requeued job resumes from the checkpoint by itself.
+requeue the job; the requeued job resumes from the checkpoint by itself. Ctrl-C is a user stopping
+the run, not a preemption: it exits with ``INTERRUPT_EXIT_CODE`` (130, as a shell reports Ctrl-C).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
+import os
 import signal
+import sys
 from collections.abc import Iterator
+from multiprocessing.managers import SyncManager
 
 import torch
 import torch.distributed as dist
@@ -21,25 +28,33 @@ import torch.distributed as dist
 from megatron_prolong.parallel.lifetime import SigtermDeadline
 
 REQUEUE_EXIT_CODE = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPT_EXIT_CODE = 128 + signal.SIGINT
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionHandler:
     def __init__(self, deadline_s: float) -> None:
-        self._requested = False
+        start_checkpoint_writer_helpers()
         self._signal: int | None = None
+        self._interrupted = False
         self._deadline = SigtermDeadline(deadline_s)
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
-        self._requested = True
         self._signal = signum
 
     def should_stop(self, device: torch.device) -> bool:
-        """True on every rank once any rank was signalled (ranks may receive it at different times)."""
-        flag = torch.tensor([1.0 if self._requested else 0.0], device=device)
+        """True on every rank once any rank was signalled (ranks may receive it at different times).
+        Ctrl-C on any rank wins over a preemption: the user wants the run stopped, not requeued."""
+        mine = 0.0 if self._signal is None else 2.0 if self._signal == signal.SIGINT else 1.0
+        flag = torch.tensor([mine], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._interrupted = flag.item() == 2.0
         return bool(flag.item())
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPT_EXIT_CODE if self._interrupted else REQUEUE_EXIT_CODE
 
     @property
     def signal_name(self) -> str:
@@ -51,9 +66,41 @@ class PreemptionHandler:
         self._deadline.close()
 
 
+def _helper_init(parent: int) -> None:
+    """In the helper: ignore the stop signals (the trainer handles them and needs the helper for its
+    last save), and die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an
+    ignored SIGTERM never leaves it behind."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the trainer died before the line above
+        os._exit(0)
+
+
+def start_checkpoint_writer_helpers() -> None:
+    """Start Megatron's checkpoint-writer result queue (a multiprocessing manager process, else made
+    at the first save) so that the stop signals, sent to the whole process group by Ctrl-C, GNU
+    ``timeout`` or a scheduler, cannot kill it: the save they ask for needs it (a dead one fails the
+    save with BrokenPipeError). Python's resource tracker unblocks SIGINT/SIGTERM in this process
+    when it starts, so it starts first; the manager then starts with the signals blocked and
+    ignores them for good. It ends with this process: multiprocessing's exit handlers, or, if this
+    process is killed, the kernel (parent-death signal)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from multiprocessing import resource_tracker
+
+    if filesystem_async._results_queue is not None:
+        return
+    resource_tracker.ensure_running()
+    with signals_deferred():
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_helper_init, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()  # Megatron's get_write_results_queue() returns it
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM/SIGUSR1 back while checkpoint writers are started and run.
+    """Hold SIGTERM/SIGUSR1/SIGINT back while checkpoint writers are started and run.
 
     Megatron's checkpoint writer starts helper processes (multiprocessing spawn); a signal sent to
     the whole process group or Slurm step would kill them mid-save. Blocked signals stay pending

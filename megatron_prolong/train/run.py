@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from megatron_prolong.config import ProLongConfig
 from megatron_prolong.parallel.cpu_compat import cpu_compat
 from megatron_prolong.parallel.distributed import init_distributed, shutdown
-from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE
 
 if TYPE_CHECKING:
     from megatron_prolong.train.loop import StepHook, Trainer
@@ -20,10 +19,11 @@ def run(cfg: ProLongConfig, resolved_yaml: str,
         hooks: Callable[[Trainer], list[StepHook]] = lambda trainer: []) -> None:
     """``hooks`` gives the built trainer's step hooks (the entry point's in-training evaluation)."""
     with cpu_compat():
+        from megatron_prolong.train.checkpoint import CheckpointError
         from megatron_prolong.train.loop import Preempted, Trainer
 
         topo = init_distributed(cfg.parallel, cfg.train.seed)
-        preempted = False
+        exit_code = 0
         try:
             if topo.rank == 0:
                 Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
@@ -31,9 +31,12 @@ def run(cfg: ProLongConfig, resolved_yaml: str,
             trainer = Trainer(cfg, topo).build()
             trainer.hooks.extend(hooks(trainer))
             trainer.run()
-        except Preempted:
-            preempted = True
+        except Preempted as stop:
+            exit_code = stop.exit_code
+        except CheckpointError as err:  # refused before training, in one line
+            print(f"megatron-prolong: {err}", file=sys.stderr, flush=True)
+            exit_code = 2
         finally:
             shutdown()
-    if preempted:
-        sys.exit(REQUEUE_EXIT_CODE)
+    if exit_code:
+        sys.exit(exit_code)

@@ -17,6 +17,7 @@ import torch
 from convert_helpers import make_hf_llama
 
 from megatron_prolong.convert.hf import hf_to_mcore, mcore_to_hf
+from megatron_prolong.eval.helmet import check_export
 from megatron_prolong.inference import read_checkpoint
 from megatron_prolong.tokenizer import HFTokenizer, tokenizer_files
 
@@ -101,6 +102,17 @@ def test_trainer_checkpoint_exports_its_tokenizer_and_generate_stops_at_eos(tmp_
     assert generated(tmp_path / "hf", [bos, 65], 12) == [66, 67, eos]
     # What the export did before: transformers' default EOS (2) never comes, all 12 tokens are made.
     assert len(generated(tmp_path / "hf", [bos, 65], 12, eos_token_id=2)) == 12
+    if kind == "byte":  # exported as a real tokenizer: a string prompt in, text out, and HELMET accepts it
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+        assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (256, 257, 258)
+        assert tok("The river naïve")["input_ids"] == [256, *"The river naïve".encode()]  # as in training
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+        prompt = tok("A", return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+        assert tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True) == "BC"
+        assert check_export(tmp_path / "hf", length=64)["eos_token_id"] == [eos]
 
 
 def test_hf_source_ids_survive_conversion_both_ways(tmp_path):

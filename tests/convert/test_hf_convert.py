@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -148,3 +150,22 @@ def test_score_packed_line_equals_documents_alone(tmp_path):
     assert sum(x is None for x in got) == len(docs)
     alone = rows[1]["token_logprobs"]
     assert alone[0] is None and torch.allclose(torch.tensor(alone[1:]), torch.tensor(got[1:len(docs[0])]), atol=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    """Both directions: the folder and every file in it as mkdir/open give them under the umask
+    (a colleague reads the export), not mkdtemp's owner-only modes."""
+    make_hf_llama(tmp_path / "hf")
+    previous = os.umask(umask)
+    try:
+        hf_to_mcore(tmp_path / "hf", tmp_path / "mc")
+        mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    finally:
+        os.umask(previous)
+    for out in (tmp_path / "mc", tmp_path / "back"):
+        paths = [out, *out.rglob("*")]
+        assert (out / "config.json").is_file() or (out / "prolong_meta.json").is_file()
+        modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+        want = {k: (0o777 if (tmp_path / k).is_dir() else 0o666) & ~umask for k in modes}
+        assert modes == want

@@ -52,7 +52,7 @@ def test_synthetic_corpus_for_another_length_fails_clearly(tmp_path):
     root = str(tmp_path / "data")
     kw = dict(vocab_size=258, seed=0, dp_rank=0, dp_size=1, micro_batch_size=1, num_micro_batches=1)
     MixtureLoader(DataConfig(root=root, seq_length=64, synthetic_sequences=4), **kw)
-    with pytest.raises(ValueError, match="synthetic corpus made for seq_length=64, but data.seq_length=128"):
+    with pytest.raises(ValueError, match="prepared for data.seq_length=64 .*, but data.seq_length=128"):
         MixtureLoader(DataConfig(root=root, seq_length=128, synthetic_sequences=4), **kw)
 
 

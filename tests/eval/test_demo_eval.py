@@ -57,6 +57,16 @@ def test_readme_demo_example_runs_as_printed(demo):
     for path in ("outputs/demo/recall/results.json", "outputs/demo/recall/recall_heatmap.png",
                  "outputs/demo/position_loss/position_loss.json", "outputs/demo/position_loss/position_loss.png"):
         assert path in stdout and (root / path).is_file(), path
+    # The export tokenizes and generates from a string prompt; HELMET's commands are printed for it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / "outputs/demo-hf")
+    prompt = tok("The river", return_tensors="pt")
+    assert prompt["input_ids"][0].tolist() == [256, *b"The river"]
+    out = AutoModelForCausalLM.from_pretrained(root / "outputs/demo-hf").generate(**prompt, max_new_tokens=8,
+                                                                                   do_sample=False)
+    assert tok.decode(out[0], skip_special_tokens=True).startswith("The river") and out.shape[1] > 10
+    assert f"--model_name_or_path {root / 'outputs/demo-hf'}" in stdout and "configs/recall.yaml" in stdout
 
 
 def test_generate_prompt_lines_get_the_byte_tokenizers_bos(demo, tmp_path):

@@ -266,6 +266,41 @@ def test_real_tool_help_through_script(slurm_cluster, tmp_path, tool, script):
     assert "usage:" in text.lower(), text
 
 
+@pytest.mark.parametrize("script", ["cpt.sh", "sft.sh", "convert.sh", "eval.sh"])
+def test_help_prints_usage_anywhere(tmp_path, script):
+    """What the script does, the environment it reads, how arguments pass through, the pre-flight check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(REPO / "slurm" / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    text = proc.stdout
+    assert "Usage: sbatch" in text and f"slurm/{script}" in text and "#SBATCH --" not in text, text
+    assert "VENV" in text and "CONTAINER_IMAGE" in text, text  # the environment it reads
+    if script in ("cpt.sh", "sft.sh"):
+        assert "python -m megatron_prolong.train <overrides> --cfg job" in text, text
+        assert "--dry-run (or PROLONG_DRY_RUN=1)" in text and "goes to python -m megatron_prolong.train unchanged" in text
+    else:
+        tool = {"convert.sh": "tools/convert_checkpoint.py", "eval.sh": "tools/eval_long.py"}[script]
+        assert f"The arguments go to python {tool} unchanged; its own options: python {tool} --help" in text
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_dry_run_prints_config_memory_and_srun_line_then_exits(slurm_cluster, tmp_path, how):
+    run_dir = tmp_path / "run"
+    args = ("--dry-run",) if how == "flag" else ()
+    env = _env(slurm_cluster, **({"PROLONG_DRY_RUN": "1"} if how == "env" else {}))
+    job, rc = run_job(slurm_cluster, tmp_path, "cpt.sh", *args, f"run.dir={run_dir}", *TINY, env=env)
+    out = tmp_path / f"prolong-cpt-{job}.out"
+    context = explain(slurm_cluster, job, out)
+    assert rc == 0, context
+    text = out.read_text()
+    assert "seq_length: 256" in text and f"dir: {run_dir}" in text, context  # the resolved configuration
+    assert "dry run at 2 processes: configuration valid; memory estimate tp=1 pp=1 cp=1 dp=2" in text, context
+    assert "dry run, not launched: srun --nodes=1 --ntasks=2" in text and "megatron_prolong.train" in text, context
+    assert "--dry-run" not in text.split("dry run, not launched:")[1], context  # not passed to Hydra
+    assert not run_dir.exists() and "step " not in text, context  # nothing started
+
+
 def test_scripts_refuse_to_run_outside_slurm(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     for script in ("cpt.sh", "sft.sh", "convert.sh", "eval.sh"):

@@ -47,6 +47,8 @@ def test_resume_on_another_number_of_processes_continues_the_data_stream(full, t
     run_dir = crashed_copy(full[saved_on].dir, tmp_path / "run", step=3)
     resumed = train(run_dir, *FULL, OPTIMIZER[saved_on], nproc=resumed_on)
     assert "resumed from" in resumed.output
+    assert "resuming at step 3: 3 steps to go (of 6)" in resumed.output  # not "training 6 steps"
+    assert "done: 3 steps (resumed at step 3) in " in resumed.output
     after, ref = by_step(run_dir), by_step(full[saved_on].dir)
     assert sorted(after) == list(range(1, 7))  # the crashed attempt's steps 4-6 are not kept twice
     for other in (ref, by_step(full[resumed_on].dir)):
