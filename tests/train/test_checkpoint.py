@@ -148,6 +148,24 @@ def test_damaged_latest_checkpoint_is_refused_naming_the_newest_intact_one(tmp_p
     assert f"resumed from {ckpts / 'iter_0000006'} at step 6" in again.output  # the override has done its job
 
 
+def test_retention_after_a_resume_from_an_earlier_step_spares_the_later_checkpoints(tmp_path):
+    """Resuming from step 2 past a damaged step 4 with checkpoint.keep_last=1: the save of step 3
+    prunes only what came before it; the damaged step 4 and step 6 stay as they were (keep-last
+    over all saved steps would delete step 3, just saved, and both later ones)."""
+    args = (*SMALL, "checkpoint.save_interval=2")
+    run = train(tmp_path / "run", *args, "train.steps=6")
+    ckpts = run.dir / "checkpoints"
+    shard = ckpts / "iter_0000004" / "__0_0.distcp"
+    os.truncate(shard, shard.stat().st_size // 2)
+    size = shard.stat().st_size
+    (ckpts / "latest_checkpointed_iteration.txt").write_text("4")  # as if stopped after step 4
+    train(run.dir, *SMALL, "train.steps=3", "checkpoint.save_interval=1", "checkpoint.keep_last=1",
+          "checkpoint.resume_step=2")
+    kept = sorted(p.name for p in ckpts.glob("iter_*"))
+    assert kept == ["iter_0000003", "iter_0000004", "iter_0000006"], kept
+    assert shard.stat().st_size == size
+
+
 @pytest.mark.parametrize("how", ["truncate", "flip", "remove"])
 def test_manifest_finds_each_kind_of_damage(tmp_path, how):
     from megatron_prolong.train.checkpoint import damage, write_manifest
