@@ -6,16 +6,6 @@ import pytest
 import torch
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-from megatron_prolong.parallel.cpu_compat import cpu_compat
-from megatron_prolong.parallel.distributed import init_distributed, shutdown
-
-
-@pytest.fixture(scope="module")
-def megatron():
-    with cpu_compat():
-        init_distributed(ParallelConfig(), seed=1)
-        yield
-        shutdown()
 
 
 @pytest.mark.parametrize("untie", [True, False])

@@ -7,22 +7,11 @@ from __future__ import annotations
 import gc
 import weakref
 
-import pytest
 import torch
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
-from megatron_prolong.parallel.cpu_compat import cpu_compat
-from megatron_prolong.parallel.distributed import init_distributed, shutdown
 
 LAYERS, S = 4, 32
-
-
-@pytest.fixture(scope="module")
-def megatron():
-    with cpu_compat():
-        init_distributed(ParallelConfig(), seed=1)
-        yield
-        shutdown()
 
 
 def test_angles_built_once_per_micro_batch_and_released(megatron, monkeypatch):
