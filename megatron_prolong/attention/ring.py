@@ -176,9 +176,10 @@ class _RingAttention(torch.autograd.Function):
             rect_kv = _rect_kv(gathered, plan, comm is None, hkv, getattr(kernel, "key_align", 1))
             o_r, lse_r = kernel.partial_forward(plan.rect, qf, *rect_kv, scale)
             merge_(o, lse, o_r, lse_r, plan.rows)
-        # the rectangles' keys, not the gathered stream: never more rows than it (a rank's
-        # rectangles of one document hold fewer keys than the document), far fewer when most
-        # documents are whole, and the backward needs no second gather
+        # the rectangles' keys, not the gathered stream: no more keys than it (a rank's
+        # rectangles of one document hold fewer keys than the document; the buffers round up to
+        # the kernel's packing unit), far fewer when most documents are whole, and the backward
+        # needs no second gather
         ctx.save_for_backward(qf, kf, vf, o, lse, *rect_kv)
         ctx.plan, ctx.kernel, ctx.comm, ctx.scale, ctx.b = plan, kernel, comm, scale, b
         return _unflat(o, b)
