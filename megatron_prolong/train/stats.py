@@ -18,14 +18,8 @@ class StepStats:
 
     domains: torch.Tensor  # [domains, 4] float64: samples, tokens, loss_sum, loss_tokens
     flops: float  # model FLOPs of the step (attention counted for document-masked pairs)
-
-    @property
-    def loss_sum(self) -> float:
-        return self.domains[:, 2].sum().item()
-
-    @property
-    def loss_tokens(self) -> float:
-        return self.domains[:, 3].sum().item()
+    loss_sum: float
+    loss_tokens: float
 
 
 def reduce_step_stats(outputs: list[dict], local_flops: float, topo: Topology, num_domains: int,
@@ -33,7 +27,9 @@ def reduce_step_stats(outputs: list[dict], local_flops: float, topo: Topology, n
     """Sum the loss statistics of this rank's micro-batches (``outputs`` of Megatron's schedule) and
     its share of the FLOPs over all ranks. Only the last pipeline stage's TP rank 0 holds losses; CP
     ranks share samples, so samples and tokens are counted on CP rank 0 only."""
-    domains = torch.zeros(num_domains, 4, dtype=torch.float64, device=device)
+    # One buffer, one all-reduce: the per-domain table and, after it, the FLOPs.
+    buf = torch.zeros(num_domains * 4 + 1, dtype=torch.float64, device=device)
+    domains = buf[:-1].view(num_domains, 4)
     if topo.is_last_stage and topo.tp_rank == 0:
         for out in outputs:
             stats: LossStats = out["stats"]
@@ -43,7 +39,7 @@ def reduce_step_stats(outputs: list[dict], local_flops: float, topo: Topology, n
                 domains[:, 1].index_add_(0, d, torch.full_like(d, seq_length, dtype=torch.float64))
             domains[:, 2].index_add_(0, d, stats.loss_sum.double())
             domains[:, 3].index_add_(0, d, stats.tokens.double())
-    flops = torch.tensor([float(local_flops)], dtype=torch.float64, device=device)
-    dist.all_reduce(domains)
-    dist.all_reduce(flops)
-    return StepStats(domains, flops.item())
+    buf[-1] = float(local_flops)
+    dist.all_reduce(buf)
+    loss_sum, loss_tokens = domains[:, 2:].sum(dim=0).tolist()
+    return StepStats(domains, buf[-1].item(), loss_sum, loss_tokens)
