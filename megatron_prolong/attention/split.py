@@ -241,11 +241,10 @@ def _whole_first_row(bounds, cp: int, bound: float, min_chunk: int, work_fractio
     heavy = sorted((d for d in docs if d not in need and d[1] - d[0] >= 2 * cp),
                    key=lambda d: (d[0] - d[1], d[0]))
     for widen in range(int(math.log2(cp)) + 1):  # ranks per large document: need x 2^widen
+        wide = {d: min(cp, m << widen) for d, m in need.items()}
         k = 0
         while True:  # ... and the k heaviest whole documents spread over all ranks
-            groups = {d: min(cp, m << widen) for d, m in need.items()}
-            groups.update({d: cp for d in heavy[:k]})
-            a = _assign(docs, cp, cap, groups)
+            a = _assign(docs, cp, cap, {**wide, **{d: cp for d in heavy[:k]}})
             if a.balance() <= bound:
                 return a.result()
             if k >= min(len(heavy), 8):
