@@ -15,6 +15,14 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (default: the checkpoint's)")
 
 
+def _decode_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--batch-size", type=int, default=8,
+                   help="prompts of one length bucket decoded together (default 8; fewer where their caches "
+                        "would not fit the GPU's free memory); each output equals its batch-of-one output")
+    s.add_argument("--graphs", choices=("auto", "off"), default="auto",
+                   help="auto (default): replay each decode step from a CUDA graph on a GPU at TP = CP = 1")
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -45,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "seq_length)")
     g.add_argument("--eos-ids", type=_ints, help="comma-separated stop ids (default: the tokenizer's EOS and "
                                                  "generation_config.json's eos_token_id)")
+    _decode_args(g)
 
     r = sub.add_parser("recall", help="synthetic recall suite (JSON KV, RULER) scored as HELMET does",
                        description="Generates each task with the checkpoint's tokenizer at each length (each "
@@ -60,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--haystack-file", help="plain-text prose for ruler_mv's essay haystack (recorded in results)")
     r.add_argument("--max-length", type=int, help="longest length accepted (default: the checkpoint's seq_length)")
     r.add_argument("--out", required=True)
+    _decode_args(r)
 
     pl = sub.add_parser("position-loss", help="mean loss by log-spaced position bucket on held-out documents",
                         description="DATA: jsonl (input_ids with optional indices, or text) or an MDS folder. "
@@ -95,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
 
             n = generate_file(args.checkpoint, args.input, args.output, max_new_tokens=args.max_new_tokens,
                               tp=args.tp, cp=args.cp, dtype=args.dtype, max_length=args.max_length,
-                              eos=args.eos_ids)
+                              eos=args.eos_ids, batch_size=args.batch_size, graphs=args.graphs)
             print(f"[eval] generated for {n} lines -> {args.output}", file=sys.stderr)
         elif args.command == "recall":
             from megatron_prolong.eval.recall import recall_main
 
             recall_main(args.checkpoint, [t for t in args.tasks.split(",") if t], args.lengths, args.samples,
                         args.out, seed=args.seed, haystack_file=args.haystack_file, tp=args.tp, cp=args.cp,
-                        dtype=args.dtype, max_length=args.max_length)
+                        dtype=args.dtype, max_length=args.max_length, batch_size=args.batch_size,
+                        graphs=args.graphs)
         elif args.command == "position-loss":
             from megatron_prolong.eval.position_loss import position_loss_main
 

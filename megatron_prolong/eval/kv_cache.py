@@ -1,16 +1,21 @@
 """Key/value cache for greedy decoding inside the plugin's core attention.
 
-The prefill is the training forward (document-masked, TP and CP, RoPE from the layout). Each
-:class:`~megatron_prolong.model.core_attention.DocumentCoreAttention` then stores this rank's K
-(after RoPE) and V; under context parallelism a rank keeps only its own zigzag shard, never the
-gathered sequence, so a 512K cache is divided by CP as well as by TP. A decode step feeds one
-token per row through the same model: every CP rank computes the new query, attends to its own
-shard (partial output and log-sum-exp), and the ranks merge the partials by log-sum-exp with one
-small all-gather ([batch x heads x (head_dim + 1)] floats). The new token's K/V are appended on
-one rank, round-robin, so the shards stay balanced.
+The prefill is the training forward (document-masked, TP and CP, RoPE from the layout), one prompt
+at a time; each :class:`~megatron_prolong.model.core_attention.DocumentCoreAttention` stores this
+rank's K (after RoPE) and V of that prompt into its row of the cache. Under context parallelism a
+rank keeps only its own zigzag shard, never the gathered sequence, so a 512K cache is divided by
+CP as well as by TP. A decode step then feeds one token per row, all rows together, through the
+same model: every CP rank computes the new queries, attends to its own shard (partial output and
+log-sum-exp), and the ranks merge the partials by log-sum-exp with one small all-gather
+([batch x heads x (head_dim + 1)] floats). The new token's K/V are written on one rank,
+round-robin, so the shards stay balanced.
 
-Cached keys carry a validity mask: a generated token sees only its own (the prompt's last)
-document, never padding or earlier documents of a packed prompt, exactly as in training.
+The buffers have a fixed capacity and the write position is a device tensor, so a decode step
+launches the same kernels on the same addresses every time and can be replayed from a CUDA graph
+(:mod:`megatron_prolong.eval.decode_step`); attention reads every slot and a validity mask hides
+the empty ones. Cached keys carry that mask per row: a generated token sees only its own (the
+prompt's last) document, never padding, other rows or earlier documents of a packed prompt,
+exactly as in training.
 """
 
 from __future__ import annotations
@@ -22,40 +27,55 @@ import torch.distributed as dist
 
 from megatron_prolong.model.packed import DocumentPackedSeqParams
 
+#: slots are allocated in blocks of this many, so prompts of nearby lengths share one cache (and one
+#: captured decode graph), and attention can split the keys into blocks for parallelism
+BLOCK = 256
+
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched product accumulated and returned in fp32 (bf16 scores would round logits by ~0.1)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a, b).float()
+
 
 class _LayerCache:
-    """One layer's shard: K and V as [b, hkv, capacity, d], ``length`` slots filled."""
+    """One layer's shard of every row: K and V as [b, hkv, capacity, d]."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, extra: int) -> None:
-        s, b, hkv, d = k.shape
-        self.k = k.new_empty(b, hkv, s + extra, d)
-        self.v = v.new_empty(b, hkv, s + extra, d)
-        self.k[:, :, :s] = k.permute(1, 2, 0, 3)
-        self.v[:, :, :s] = v.permute(1, 2, 0, 3)
-        self.valid = torch.zeros(b, s + extra, dtype=torch.bool, device=k.device)
-        self.valid[:, :s] = valid.t()
-        self.length = s
+    def __init__(self, batch: int, capacity: int, like: torch.Tensor) -> None:
+        _, _, hkv, d = like.shape
+        self.k = like.new_zeros(batch, hkv, capacity, d)
+        self.v = like.new_zeros(batch, hkv, capacity, d)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [1, b, hkv, d]."""
-        if self.length == self.k.shape[2]:
-            raise RuntimeError("KV cache is full: more decode steps than it was sized for")
-        self.k[:, :, self.length] = k[0]
-        self.v[:, :, self.length] = v[0]
-        self.valid[:, self.length] = True
-        self.length += 1
+    def store(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One prompt's K/V, [s, 1, hkv, d], into slots [0, s) of ``row``."""
+        s = k.shape[0]
+        self.k[row, :, :s] = k[:, 0].transpose(0, 1)
+        self.v[row, :, :s] = v[:, 0].transpose(0, 1)
 
-    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [b, hq, d] against the filled slots: (output [b, hq, d] float32, lse [b, hq] float32)."""
+    def write(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Every row's new K/V, [1, b, hkv, d], at the slot held by the device tensor ``slot`` [1]."""
+        self.k.index_copy_(2, slot, k[0][:, :, None])
+        self.v.index_copy_(2, slot, v[0][:, :, None])
+
+    def attend(self, q: torch.Tensor, valid: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [b, hq, d] against every slot: (output [b, hq, d] fp32, lse [b, hq] fp32).
+
+        The keys are split into blocks of :data:`BLOCK` slots, each block a batch entry of the two
+        products, so a long cache spreads over the whole GPU (a single [g x capacity] product per head
+        would run on a few SMs); the blocks' partial outputs are summed at the end.
+        """
         b, hq, d = q.shape
-        hkv = self.k.shape[1]
-        n = self.length
-        qg = (q * scale).reshape(b, hkv, hq // hkv, d)
-        scores = torch.matmul(qg, self.k[:, :, :n].transpose(-1, -2)).float()  # [b, hkv, g, n]
-        scores = scores.masked_fill(~self.valid[:, None, None, :n], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # -inf where this shard holds no visible key
-        p = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
-        out = torch.matmul(p.to(self.v.dtype), self.v[:, :, :n]).float()
+        _, hkv, cap, _ = self.k.shape
+        g, nb = hq // hkv, cap // BLOCK
+        qg = (q * scale).reshape(b, hkv, 1, g, d).expand(b, hkv, nb, g, d).reshape(-1, g, d)
+        keys = self.k.view(b * hkv * nb, BLOCK, d)
+        scores = _bmm_fp32(qg, keys.transpose(1, 2)).view(b, hkv, nb, g, BLOCK)
+        scores.masked_fill_(~valid.view(b, 1, nb, 1, BLOCK), float("-inf"))
+        lse = torch.logsumexp(scores, dim=(2, 4))  # [b, hkv, g]; -inf where this shard sees no key
+        p = torch.exp(scores - lse.nan_to_num(neginf=0.0)[:, :, None, :, None])
+        out = _bmm_fp32(p.to(self.v.dtype).view(-1, g, BLOCK), self.v.view(b * hkv * nb, BLOCK, d))
+        out = out.view(b, hkv, nb, g, d).sum(dim=2)
         return out.reshape(b, hq, d), lse.reshape(b, hq)
 
 
@@ -74,36 +94,81 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
     return (weights[..., None] * outs.nan_to_num(nan=0.0)).sum(dim=0)
 
 
-class KVCache:
-    """All layers' shards for one batch of prompts on this rank.
+def capacity_for(prefill_local: int, max_new_tokens: int, cp_size: int) -> int:
+    """Slots one rank needs: its longest prefill shard and its round-robin share of the new tokens,
+    rounded up to whole blocks."""
+    need = prefill_local + -(-max_new_tokens // cp_size)
+    return -(-need // BLOCK) * BLOCK
 
-    ``valid``: [s_local, b] bool, which prefill tokens (this rank's, in its zigzag order) decoded
-    tokens may attend to. ``max_new_tokens`` sizes the buffers.
+
+class KVCache:
+    """All layers' shards for ``batch`` rows on this rank, ``capacity`` slots each.
+
+    The layer buffers are made at the first prefill (their head count, head size and dtype come
+    from the model) and reused for every later batch of the same shape, so a captured decode graph
+    stays valid. Use: :meth:`begin_row` + the model's forward for each prompt, then
+    :meth:`start_decoding`, then decode steps (:meth:`begin_step`, the model's forward, which calls
+    :meth:`decode` in every layer, and :meth:`end_step`).
     """
 
-    def __init__(self, valid: torch.Tensor, max_new_tokens: int, cp_group=None) -> None:
-        self.valid = valid
+    def __init__(self, batch: int, capacity: int, device: torch.device, cp_group=None) -> None:
+        if capacity % BLOCK:
+            raise ValueError(f"KV cache capacity {capacity} must be a multiple of {BLOCK}")
+        self.batch, self.capacity = batch, capacity
         self.cp_group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
-        cp = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
+        self.cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
         self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
-        self.cp_size = cp
-        self.extra = -(-max_new_tokens // cp)
         self.layers: dict[int, _LayerCache] = {}
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # next write position on this rank
+        self.row = 0
         self.decoding = False
         self.steps = 0
 
+    def begin_row(self, row: int, valid: torch.Tensor) -> None:
+        """Prefill of ``row`` next; ``valid`` [s_local] says which of this rank's prompt tokens the
+        generated tokens may attend to (the last document, no padding)."""
+        if valid.shape[0] > self.capacity:
+            raise ValueError(f"a prompt shard of {valid.shape[0]} tokens exceeds the cache's {self.capacity} slots")
+        self.row, self.decoding = row, False
+        self.valid[row].zero_()
+        self.valid[row, : valid.shape[0]] = valid.to(self.valid.device)
+
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Prefill: this rank's K (after RoPE) and V, [s_local, b, hkv, d]."""
-        self.layers[layer] = _LayerCache(k, v, self.valid.to(k.device), self.extra)
+        """Prefill: this rank's K (after RoPE) and V of the current row's prompt, [s_local, 1, hkv, d]."""
+        cache = self.layers.get(layer)
+        if cache is None:
+            cache = self.layers[layer] = _LayerCache(self.batch, self.capacity, k)
+        cache.store(self.row, k, v)
+
+    def start_decoding(self, first_slot: int) -> None:
+        """Decode from slot ``first_slot`` on (past every row's prefill shard)."""
+        self.decoding, self.steps = True, 0
+        self.valid[:, first_slot:] = False
+        self.slot.fill_(first_slot)
+
+    def _writes(self) -> bool:
+        return self.steps % self.cp_size == self.cp_rank
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """One new token per row: q [1, b, hq, d], k/v [1, b, hkv, d] (after RoPE) -> [1, b, hq * d]."""
         cache = self.layers[layer]
-        if self.steps % self.cp_size == self.cp_rank:
-            cache.append(k, v)
-        out, lse = cache.attend(q[0], scale)
+        if self._writes():
+            cache.write(self.slot, k, v)
+        out, lse = cache.attend(q[0], self.valid, scale)
         out = merge_partials(out, lse, self.cp_group)
         return out.to(q.dtype).reshape(1, q.shape[1], -1)
+
+    def begin_step(self) -> None:
+        """Before a decode step: the slot the new tokens go to becomes visible (on the rank writing it)."""
+        if self._writes():
+            self.valid.index_fill_(1, self.slot, True)
+
+    def end_step(self) -> None:
+        """After a decode step: the next slot on the rank that wrote this one."""
+        if self._writes():
+            self.slot.add_(1)
+        self.steps += 1
 
     def memory_bytes(self) -> int:
         return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers.values())

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron_prolong import inference
 from megatron_prolong.eval.generate import Generator
 from megatron_prolong.eval.metrics import qa_metrics, ruler_recall
-from megatron_prolong.eval.rows import map_rows
+from megatron_prolong.eval.rows import map_batches
 from megatron_prolong.eval.samples import Sample, build_samples, check_tasks, read_haystack
 
 #: what every score (cell, depth, sample) is: HELMET's metrics times 100
@@ -31,22 +31,33 @@ def score_sample(sample: Sample, text: str) -> float:
 
 def run_recall(gen: Generator, decode: Callable[[list[int]], str], samples: list[Sample], topo,
                log: Callable[[str], None] = print) -> dict:
-    """Generate and score every sample (data-parallel ranks split them); the same summary on every rank."""
+    """Generate and score every sample (data-parallel ranks split them; samples of one length bucket
+    are decoded ``gen.batch_size`` at a time); the same summary on every rank."""
     start = time.monotonic()
     done = [0]
 
-    def one(row: dict) -> dict:
-        s = samples[row["k"]]
-        g = gen.generate(s.input_ids, s.max_new_tokens)
-        ids = g.output_ids[:-1] if g.output_ids[-1] in gen.eos_ids else g.output_ids
-        text = decode(ids)
-        done[0] += 1
-        if done[0] % 10 == 0 or done[0] == 1:
-            log(f"[recall] {done[0]} samples on this rank ({time.monotonic() - start:.0f} s), last: {s.task} "
-                f"{s.length} tokens")
-        return {"text": text, "score": score_sample(s, text), "prefill_s": g.prefill_s, "decode_s": g.decode_s}
+    def run(batch: list[dict]) -> list[dict]:
+        group = [samples[row["k"]] for row in batch]
+        outs = []
+        for s, g in zip(group, gen.generate_batch([s.input_ids for s in group], group[0].max_new_tokens)):
+            ids = g.output_ids[:-1] if g.output_ids[-1] in gen.eos_ids else g.output_ids
+            text = decode(ids)
+            outs.append({"text": text, "score": score_sample(s, text), "prefill_s": g.prefill_s,
+                         "decode_s": g.decode_s, "batch": g.stats["batch"]})
+        before, done[0] = done[0], done[0] + len(batch)
+        if done[0] // 10 > before // 10 or before == 0:
+            log(f"[recall] {done[0]} samples on this rank ({time.monotonic() - start:.0f} s), last: "
+                f"{group[-1].task} {group[-1].length} tokens")
+        return outs
 
-    outputs = map_rows([{"k": k} for k in range(len(samples))], one, topo, "recall")
+    def key(row: dict) -> tuple[int, int]:
+        s = samples[row["k"]]
+        return s.max_new_tokens, gen.bucket(len(s.input_ids), s.max_new_tokens)
+
+    outputs = map_batches([{"k": k} for k in range(len(samples))], run, topo, "recall",
+                          batch_of=lambda row: gen.rows_that_fit(len(samples[row["k"]].input_ids),
+                                                                 samples[row["k"]].max_new_tokens),
+                          order=key)
     return summarize(samples, outputs, time.monotonic() - start)
 
 
@@ -116,7 +127,7 @@ def heatmap(results: dict, path: str | Path, bins: int = 10) -> None:
 
 def recall_main(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[int], num: int, out: str | Path, *,
                 seed: int = 0, haystack_file: str | None = None, tp: int = 1, cp: int = 1, dtype: str | None = None,
-                max_length: int | None = None) -> dict:
+                max_length: int | None = None, batch_size: int = 1, graphs: str = "auto") -> dict:
     """``eval_long.py recall``: results.json, samples.jsonl, recall_heatmap.png under ``out``."""
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.eval.model import eos_ids, load_tokenizer
@@ -131,7 +142,7 @@ def recall_main(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[
     with inference.megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
         gpt, meta = inference.load_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
         gen = Generator(gpt, int(meta["vocab_size"]), meta["model"].get("rope_positions", "continuous"),
-                        eos_ids(checkpoint, tokenizer), limit)
+                        eos_ids(checkpoint, tokenizer), limit, batch_size=batch_size, graphs=graphs)
         log = print if topo.rank == 0 else (lambda msg: None)
         results = run_recall(gen, tokenizer.decode, samples, topo, log)
         if topo.rank == 0:

@@ -53,14 +53,31 @@ def map_rows(rows: list[dict], fn: Callable[[dict], dict], topo, label: str = "i
 
     Model-parallel ranks (TP, CP) of one replica run the same rows together.
     """
+    return map_batches(rows, lambda batch: [fn(row) for row in batch], topo, label, lambda row: 1)
+
+
+def map_batches(rows: list[dict], fn: Callable[[list[dict]], list[dict]], topo, label: str,
+                batch_of: Callable[[dict], int], order: Callable[[dict], object] = lambda row: 0) -> dict[int, dict]:
+    """``fn`` on batches of rows, every rank getting all results (as :func:`map_rows`).
+
+    This rank's rows (data-parallel ranks taking turns) are sorted by ``order`` (e.g. the prompt
+    length, so a batch wastes little cache on padding) and cut into batches: a batch starting at
+    ``row`` holds at most ``batch_of(row)`` rows of the same ``order``.
+    """
+    mine_idx = sorted((k for k in range(len(rows)) if k % topo.dp_size == topo.dp_rank),
+                      key=lambda k: (order(rows[k]), k))
     mine: dict[int, dict] = {}
-    for k, row in enumerate(rows):
-        if k % topo.dp_size != topo.dp_rank:
-            continue
+    i = 0
+    while i < len(mine_idx):
+        first = rows[mine_idx[i]]
+        size = max(1, batch_of(first))
+        batch = [k for k in mine_idx[i:i + size] if order(rows[k]) == order(first)]
         try:
-            mine[k] = fn(row)
+            outs = fn([rows[k] for k in batch])
         except EvalInputError as err:
-            raise EvalInputError(f"{label}: line {k + 1}: {err}") from err
+            raise EvalInputError(f"{label}: line {batch[0] + 1}: {err}") from err
+        mine.update(zip(batch, outs, strict=True))
+        i += len(batch)
     results = dict(mine)
     if topo.world_size > 1:
         gathered: list = [None] * topo.world_size

@@ -88,6 +88,19 @@ def test_greedy_equals_hf_generate_and_full_context(converted, tmp_path):
     _check_against_full_context(root / "mc", tmp_path, rows)
 
 
+@pytest.mark.parametrize("batch", [2, 4])
+def test_batched_rows_equal_hf_generate(converted, tmp_path, batch):
+    """Rows decoded together (prompts of 37, 64, 5 and a packed 37 tokens; the first stops at its EOS
+    after 6 tokens while the others go on): each row's tokens are HF's for that prompt alone, and its
+    log-probabilities those of the full context."""
+    root, refs, eos = converted
+    generate_file(root / "mc", root / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=NEW, eos=[eos],
+                  batch_size=batch)
+    rows = _read(tmp_path / "out.jsonl")
+    assert [r["output_ids"] for r in rows] == refs
+    _check_against_full_context(root / "mc", tmp_path, rows)
+
+
 def test_default_eos_and_prompt_text(converted, tmp_path):
     """``prompt`` lines are tokenized with the checkpoint's tokenizer; the default EOS is its eos id."""
     root, _, _ = converted

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Generation speed on a lent GPU (tools/gpu/generate_speed.py): prefill tokens/s at 32K and 128K,
-# decode tokens/s on the 128K cache, Llama-3-8B shape, bf16, random weights; logs under $OUT.
-# Needs the project's wheels in .whl (megatron-core, hydra, omegaconf, streaming and their imports).
+# Decoding on a lent GPU: the CUDA-graph decode tests (tests/gpu/test_decode_graphs.py), then
+# tools/gpu/generate_speed.py (time per token against the memory bound, one recall sample against
+# Hugging Face's generate, batching); logs and JSON under $OUT. Arguments go to generate_speed.py.
+# Needs the project's wheels in .whl (megatron-core; transformers and safetensors are on the image).
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-timeout 170 python3 tools/gpu/generate_speed.py "$@" > "$out/generate_speed.log" 2>&1
-echo "rc $?"; grep -E "built|check|prompt_tokens|Error" "$out/generate_speed.log" | tail -6
+timeout 150 python3 -m pytest tests/gpu/test_decode_graphs.py -q -p no:cacheprovider > "$out/decode_tests.log" 2>&1
+echo "tests rc $?"; tail -3 "$out/decode_tests.log"
+timeout 420 python3 tools/gpu/generate_speed.py "$@" > "$out/generate_speed.log" 2>&1
+echo "speed rc $?"; grep -vE "Warning|warn" "$out/generate_speed.log" | tail -20
