@@ -12,8 +12,8 @@ round-robin, so the shards stay balanced.
 
 The buffers have a fixed capacity and the write position is a device tensor, so a decode step
 launches the same kernels on the same addresses every time and can be replayed from a CUDA graph
-(:mod:`megatron_prolong.eval.decode_step`); attention reads every slot and a validity mask hides
-the empty ones. Cached keys carry that mask per row: a generated token sees only its own (the
+(:mod:`megatron_prolong.eval.decode_step`); attention (:mod:`megatron_prolong.eval.decode_attention`)
+reads every slot and a validity mask hides the empty ones. Cached keys carry that mask per row: a generated token sees only its own (the
 prompt's last) document, never padding, other rows or earlier documents of a packed prompt,
 exactly as in training.
 """
@@ -25,18 +25,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_prolong.eval.decode_attention import torch_attend, triton_attend
+from megatron_prolong.model.cross_entropy import triton_available
 from megatron_prolong.model.packed import DocumentPackedSeqParams
 
 #: slots are allocated in blocks of this many, so prompts of nearby lengths share one cache (and one
-#: captured decode graph), and attention can split the keys into blocks for parallelism
+#: captured decode graph)
 BLOCK = 256
-
-
-def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched product accumulated and returned in fp32 (bf16 scores would round logits by ~0.1)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a, b).float()
 
 
 class _LayerCache:
@@ -59,24 +54,9 @@ class _LayerCache:
         self.v.index_copy_(2, slot, v[0][:, :, None])
 
     def attend(self, q: torch.Tensor, valid: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [b, hq, d] against every slot: (output [b, hq, d] fp32, lse [b, hq] fp32).
-
-        The keys are split into blocks of :data:`BLOCK` slots, each block a batch entry of the two
-        products, so a long cache spreads over the whole GPU (a single [g x capacity] product per head
-        would run on a few SMs); the blocks' partial outputs are summed at the end.
-        """
-        b, hq, d = q.shape
-        _, hkv, cap, _ = self.k.shape
-        g, nb = hq // hkv, cap // BLOCK
-        qg = (q * scale).reshape(b, hkv, 1, g, d).expand(b, hkv, nb, g, d).reshape(-1, g, d)
-        keys = self.k.view(b * hkv * nb, BLOCK, d)
-        scores = _bmm_fp32(qg, keys.transpose(1, 2)).view(b, hkv, nb, g, BLOCK)
-        scores.masked_fill_(~valid.view(b, 1, nb, 1, BLOCK), float("-inf"))
-        lse = torch.logsumexp(scores, dim=(2, 4))  # [b, hkv, g]; -inf where this shard sees no key
-        p = torch.exp(scores - lse.nan_to_num(neginf=0.0)[:, :, None, :, None])
-        out = _bmm_fp32(p.to(self.v.dtype).view(-1, g, BLOCK), self.v.view(b * hkv * nb, BLOCK, d))
-        out = out.view(b, hkv, nb, g, d).sum(dim=2)
-        return out.reshape(b, hq, d), lse.reshape(b, hq)
+        """q [b, hq, d] against every slot: (output [b, hq, d] fp32, lse [b, hq] fp32)."""
+        attend = triton_attend if q.is_cuda and triton_available() else torch_attend
+        return attend(q, self.k, self.v, valid, scale)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:

@@ -5,8 +5,13 @@ output. A 4-layer GQA model with random weights, prompts of mixed lengths, one o
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -37,6 +42,17 @@ def _model(precision: str):
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (1500, 700, 1999, 1024)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_split_key_attention_equals_float64(dtype, tol):
+    """The Triton kernels on the GPU, bf16 included (the CPU test runs them in float32 only)."""
+    import test_decode_attention as t
+
+    from megatron_prolong.eval.decode_attention import triton_attend
+
+    t.check(lambda q, k, v, valid, scale: triton_attend(q.cuda(), k.cuda(), v.cuda(), valid.cuda(), scale),
+            dtype, tol)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
