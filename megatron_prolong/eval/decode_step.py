@@ -33,8 +33,7 @@ class DecodeStep:
         self.graphed = graphed
         self.ids = torch.zeros(b, 1, dtype=torch.long, device=device)  # GPTModel's input_ids [b, s]
         self.positions = torch.zeros(1, b, dtype=torch.long, device=device)  # RoPE positions [s, b]
-        self.token = torch.zeros(b, dtype=torch.long, device=device)
-        self.logprob = torch.zeros(b, dtype=torch.float32, device=device)
+        self.result = torch.zeros(2, b, dtype=torch.float64, device=device)  # tokens, log p: one read per step
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def load(self, tokens: list[int], positions: list[int]) -> None:
@@ -51,8 +50,8 @@ class DecodeStep:
         hidden = forward_hidden(self.gpt, self.ids, packed)  # [1, b, h]
         logits = output_logits(self.gpt, hidden)[0]  # [b, V / tp]
         token = vocab_parallel_argmax(logits, self.vocab_size, self.tp_group)
-        self.logprob.copy_(vocab_parallel_logprobs(logits, token, self.vocab_size, self.tp_group))
-        self.token.copy_(token)
+        self.result[0].copy_(token)
+        self.result[1].copy_(vocab_parallel_logprobs(logits, token, self.vocab_size, self.tp_group))
         self.ids.copy_(token[:, None])
         self.positions.add_(1)
         self.cache.end_step()
@@ -79,4 +78,5 @@ class DecodeStep:
             self._capture()
         else:
             self.graph.replay()
-        return self.token.tolist(), self.logprob.tolist()
+        tokens, logprobs = self.result.tolist()
+        return [int(t) for t in tokens], logprobs
