@@ -17,7 +17,7 @@ import torch
 
 from megatron_prolong import safe_checkpoint
 from megatron_prolong.attention.config import AttentionConfig
-from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
+from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
 
 
 class CheckpointError(ValueError):
@@ -132,7 +132,9 @@ def load_model(checkpoint: str | Path, parallel: ParallelConfig, dtype: str | No
     """(GPTModel in eval mode on this rank's device, checkpoint meta). Needs Megatron's groups initialised.
 
     The plugin's document attention is used whatever backend the checkpoint was trained with, so
-    packed lines are scored per document on any machine; the weights are the same either way.
+    packed lines are scored per document on any machine; the weights are the same either way. The
+    trainer's default fused kernels are used where CUDA is (Triton RoPE, fused SwiGLU): unfused,
+    RoPE alone is ~20 elementwise kernels per layer, most of a decode step's kernel launches.
     """
     from megatron.core import dist_checkpointing
 
@@ -143,7 +145,7 @@ def load_model(checkpoint: str | Path, parallel: ParallelConfig, dtype: str | No
     model_cfg = replace(model_config_from_meta(meta), attention_backend="plugin")
     if dtype is None:
         dtype = dtype_name(tensors_metadata(ckpt)["embedding.word_embeddings.weight"].dtype)
-    tconfig = build_transformer_config(model_cfg, parallel, TrainConfig(precision=dtype))
+    tconfig = build_transformer_config(model_cfg, parallel, TrainConfig(precision=dtype), KernelConfig())
     gpt = build_model(model_cfg, tconfig, int(meta["vocab_size"]), int(meta["seq_length"]), seed=0)
     gpt.to(device())
     sd = {"model": gpt.sharded_state_dict(metadata=SHARDING_META)}

@@ -15,12 +15,16 @@ vocabulary argmax are collectives, run eagerly there.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from megatron_prolong.eval.kv_cache import CachedPackedSeqParams, KVCache
 from megatron_prolong.eval.model import (
     forward_hidden, output_logits, vocab_parallel_argmax, vocab_parallel_logprobs,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class DecodeStep:
@@ -65,8 +69,13 @@ class DecodeStep:
             self._run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run()
+        try:
+            with torch.cuda.graph(graph):
+                self._run()
+        except RuntimeError as err:  # a kernel that cannot be captured: eager from now on, said once
+            logger.warning("generate: decode step launched without CUDA graphs: capture failed (%s)", err)
+            self.graphed = False
+            return
         self.graph = graph
 
     @torch.no_grad()

@@ -30,12 +30,13 @@ def session():
 
 
 def _model(precision: str):
-    from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
+    from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
     from megatron_prolong.model.builder import build_model, build_transformer_config
 
     model = ModelConfig(name="decode_test", num_layers=4, hidden_size=1024, ffn_hidden_size=2816,
                         num_attention_heads=8, num_query_groups=2, rope_base=5e5, attention_backend="plugin")
-    tconfig = build_transformer_config(model, ParallelConfig(), TrainConfig(precision=precision))
+    # the kernels inference.load_model uses: Triton RoPE and Megatron's compiled SwiGLU, under capture too
+    tconfig = build_transformer_config(model, ParallelConfig(), TrainConfig(precision=precision), KernelConfig())
     return build_model(model, tconfig, VOCAB, 8192, seed=0).cuda().eval()
 
 
@@ -72,8 +73,10 @@ def test_graphed_equals_eager_and_batch_equals_single(session, precision):
         batch = graphed.generate_batch(prompts, NEW, packing)
         for one, many in zip(singles, batch):
             assert many.output_ids == one.output_ids
-            assert max(abs(a - b) for a, b in zip(one.logprobs, many.logprobs)) < 1e-4
-            assert many.stats["graphed"] and many.stats["batch"] == 4
+            # bf16: a GEMM over 4 rows rounds differently from one over 1 row (0.03 seen)
+            assert max(abs(a - b) for a, b in zip(one.logprobs, many.logprobs)) < (1e-4 if precision == "fp32" else 0.1)
+            assert many.stats["batch"] == 4
+    assert graphed._decoder[2].graph is not None  # captured, not fallen back to eager
     alone = [graphed.generate(p, NEW, idx) for p, idx in zip(prompts, packing)]
     assert [g.output_ids for g in alone] == [g.output_ids for g in singles]
     # the cached decode against the full forward over prompt + output (first prompt, one document)

@@ -62,12 +62,13 @@ def step_bytes(gpt, prompt: int) -> int:
 
 
 def build(layers: int):
-    from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
+    from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
     from megatron_prolong.model.builder import build_model, build_transformer_config
 
     model = ModelConfig(name="llama3_8b_shape", num_layers=layers, hidden_size=4096, ffn_hidden_size=14336,
                         num_attention_heads=32, num_query_groups=8, rope_base=8e6, attention_backend="plugin")
-    tconfig = build_transformer_config(model, ParallelConfig(), TrainConfig(precision="bf16"))
+    # the kernels inference.load_model builds with (the trainer's defaults: Triton RoPE, fused SwiGLU)
+    tconfig = build_transformer_config(model, ParallelConfig(), TrainConfig(precision="bf16"), KernelConfig())
     return model, build_model(model, tconfig, VOCAB, 131072 + 1024, seed=0).cuda().eval()
 
 
@@ -114,6 +115,26 @@ def ours_sample(gen, prompt: list[int], new: int) -> dict:
             "per_token_s": res.decode_s / (len(res.output_ids) - 1), "tokens": res.output_ids}
 
 
+def profile(graphed, eager, prompt: list[int], path: Path) -> None:
+    """CUDA kernel time by kernel over 20 decode steps of each path (the step after a 2-token warm-up)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    lines = []
+    for name, gen in (("graphed", graphed), ("eager", eager)):
+        gen.generate(prompt, 2)
+        _, _, step = gen._decoder
+        step()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+        lines.append(f"== {name}: 20 steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                                                            max_name_column_width=70))
+    path.write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+
+
 def check_4k(gpt, gen_graphed, gen_eager, g) -> dict:
     from megatron_prolong.eval.score import score_line
 
@@ -132,6 +153,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=100, help="HELMET's recall tasks generate up to 100")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--profile", action="store_true", help="kernel table of 20 decode steps, eager and graphed")
     args = p.parse_args()
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.eval.generate import Generator
@@ -173,6 +195,8 @@ def main() -> int:
                 out["runs"].append(run)
                 ours_tokens[layers, n] = second["tokens"]
                 torch.cuda.empty_cache()
+            if args.profile:
+                profile(graphed, eager, prompts[lengths[0]][1], dest / f"profile_{layers}l.txt")
             n = lengths[0]
             one = graphed.generate_batch(prompts[n][1:2], new)[0]
             many = graphed.generate_batch(prompts[n][1:args.batch + 1], new)
@@ -180,6 +204,8 @@ def main() -> int:
                 "layers": layers, "prompt_tokens": n, "batch": args.batch,
                 "decode_tokens_per_s_batch1": (new - 1) / one.decode_s,
                 "decode_tokens_per_s_batch": args.batch * (new - 1) / many[0].decode_s,
+                "sample_s_per_row_in_batch": (sum(g.prefill_s for g in many) + many[0].decode_s) / args.batch,
+                "graph_captured": graphed._decoder[2].graph is not None,
                 "rows_equal_batch1": many[0].output_ids == one.output_ids})
             print(json.dumps(out["batch"][-1]), flush=True)
             del graphed, eager
