@@ -105,3 +105,50 @@ def test_recall_refuses_short_lengths_before_loading_the_model(tmp_path, monkeyp
     for task, m in mins.items():
         assert f"{task}: 300 tokens is below the task's minimum of {m} tokens" in err, err
     assert "(the nearest: " in err
+
+
+def test_default_tasks_are_those_that_work(tmp_path, monkeypatch, capsys):
+    """``recall`` without --tasks runs every task that works at all the lengths and names the others
+    with the reason (ruler_mv without an essay, a minimum above the shortest length); with none
+    left it refuses, naming each task's minimum; both before any model is loaded."""
+    from megatron_prolong import inference
+    from megatron_prolong.eval import recall
+    from megatron_prolong.eval.cli import main
+
+    ckpt = llama3_checkpoint(tmp_path, max_pos=4096)
+    capsys.readouterr()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    asked = {}
+
+    def stop(tasks, lengths, *args):
+        asked.update(tasks=list(tasks), lengths=list(lengths))
+        raise EvalInputError("stopped before building the samples")
+
+    monkeypatch.setattr(inference, "load_model", no_model)
+    monkeypatch.setattr(recall, "build_samples", stop)
+    tok = llama3_tokenizer()
+    encode = lambda text: encode_prompt(tok, text)  # noqa: E731
+    mins = {t: minimum_length(t, 1, encode, 0, TEXT) for t in TASKS}
+    shortest = mins["ruler_vt"] - 1  # every task but variable tracking fits
+    assert shortest >= max(m for t, m in mins.items() if t != "ruler_vt")
+    args = ["recall", "--checkpoint", str(ckpt), "--samples", "1", "--out", str(tmp_path / "out")]
+    assert main([*args, "--lengths", f"{shortest},4096"]) == 1
+    assert asked == {"tasks": ["json_kv", "ruler_mk2", "ruler_mk3"], "lengths": [shortest, 4096]}
+    out = capsys.readouterr().out
+    assert ("[recall] tasks: json_kv, ruler_mk2, ruler_mk3; left out: ruler_mv (needs an essay haystack: "
+            f"--haystack-file PROSE.txt (eval.haystack_file)); ruler_vt (needs {mins['ruler_vt']} tokens or more)"
+            in out), out
+
+    (tmp_path / "essay.txt").write_text(TEXT)
+    assert main([*args, "--lengths", f"{mins['ruler_vt']},4096", "--haystack-file", str(tmp_path / "essay.txt")]) == 1
+    assert asked["tasks"] == list(TASKS) and "left out" not in capsys.readouterr().out
+
+    assert main([*args, "--lengths", "100"]) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err.startswith("eval_long.py: error: no recall task works at 100 tokens with this tokenizer: ")
+    for task in ("json_kv", "ruler_mk2", "ruler_mk3", "ruler_vt"):
+        assert f"{task} needs {mins[task]} tokens or more" in err, err
+    assert "give longer --lengths" in err
