@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "refused), decodes greedily and writes OUT/results.json (task x length x depth, "
                                    "scores in percent), OUT/samples.jsonl and OUT/recall_heatmap.png.")
     _model_args(r)
-    r.add_argument("--tasks", default="json_kv,ruler_mk2,ruler_mk3,ruler_mv,ruler_vt",
-                   help="comma-separated: json_kv, ruler_mk2, ruler_mk3, ruler_mv, ruler_vt")
+    r.add_argument("--tasks", help="comma-separated: json_kv, ruler_mk2, ruler_mk3, ruler_mv, ruler_vt (default: "
+                                   "every one that works at the shortest length; ruler_mv with --haystack-file)")
     r.add_argument("--lengths", type=_ints, required=True, help="comma-separated target lengths in tokens")
     r.add_argument("--samples", type=int, default=50, help="samples per task and length (default 50)")
     r.add_argument("--seed", type=int, default=0)
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "recall":
             from megatron_prolong.eval.recall import recall_main
 
-            recall_main(args.checkpoint, [t for t in args.tasks.split(",") if t], args.lengths, args.samples,
+            tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
+            recall_main(args.checkpoint, tasks, args.lengths, args.samples,
                         args.out, seed=args.seed, haystack_file=args.haystack_file, tp=args.tp, cp=args.cp,
                         dtype=args.dtype, max_length=args.max_length, batch_size=args.batch_size,
                         graphs=args.graphs)

@@ -42,9 +42,12 @@ class TrainingEval:
             haystack, _ = read_haystack(cfg.eval.haystack_file)
             self.samples = build_samples(plan.tasks, plan.lengths, cfg.eval.samples, encode, cfg.eval.seed,
                                          haystack, self.max_length)
-            self.rows = read_sequences(cfg.eval.data, encode, cfg.eval.max_sequences) if cfg.eval.data else []
         except EvalInputError as err:
             raise ConfigError(f"eval: {err}") from None
+        try:  # its lines are read here only, not at config time: a bad one is still one line, naming the key
+            self.rows = read_sequences(cfg.eval.data, encode, cfg.eval.max_sequences) if cfg.eval.data else []
+        except EvalInputError as err:
+            raise ConfigError(f"eval.data: {err}; give jsonl lines with input_ids or text, or an MDS folder") from None
         left_out = "".join(f"; {t} left out (needs {m} tokens)" for t, m in plan.left_out.items())
         trainer.log(f"eval every {self.every} steps: {', '.join(plan.tasks)} at {', '.join(map(str, plan.lengths))} "
                      f"tokens, {cfg.eval.samples} samples each (scores in percent){left_out}")

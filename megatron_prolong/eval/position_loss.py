@@ -39,7 +39,12 @@ def read_sequences(path: str | Path, encode: Callable[[str], list[int]], limit: 
         for k, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalInputError(f"{p}:{k}: not a JSON line ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise EvalInputError(f"{p}:{k}: each line needs input_ids or text")
             if "input_ids" in row:
                 rows.append({"input_ids": [int(t) for t in row["input_ids"]], "indices": row.get("indices")})
             elif "text" in row:

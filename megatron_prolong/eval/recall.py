@@ -4,6 +4,7 @@ HELMET does, and report by task x length x needle depth (JSON, console table, he
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -14,8 +15,10 @@ import torch.distributed as dist
 from megatron_prolong import inference
 from megatron_prolong.eval.generate import Generator
 from megatron_prolong.eval.metrics import qa_metrics, ruler_recall
-from megatron_prolong.eval.rows import map_batches
-from megatron_prolong.eval.samples import Sample, build_samples, check_tasks, read_haystack
+from megatron_prolong.eval.rows import EvalInputError, map_batches
+from megatron_prolong.eval.samples import (Sample, build_samples, check_lengths, check_tasks, default_tasks,
+                                           read_haystack)
+from megatron_prolong.eval.tasks import TASKS
 
 #: what every score (cell, depth, sample) is: HELMET's metrics times 100
 SCALE = "percent (0-100)"
@@ -125,20 +128,36 @@ def heatmap(results: dict, path: str | Path, bins: int = 10) -> None:
     plt.close(fig)
 
 
-def recall_main(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[int], num: int, out: str | Path, *,
-                seed: int = 0, haystack_file: str | None = None, tp: int = 1, cp: int = 1, dtype: str | None = None,
-                max_length: int | None = None, batch_size: int = 1, graphs: str = "auto") -> dict:
-    """``eval_long.py recall``: results.json, samples.jsonl, recall_heatmap.png under ``out``."""
+def recall_main(checkpoint: str | Path, tasks: Sequence[str] | None, lengths: Sequence[int], num: int,
+                out: str | Path, *, seed: int = 0, haystack_file: str | None = None, tp: int = 1, cp: int = 1,
+                dtype: str | None = None, max_length: int | None = None, batch_size: int = 1,
+                graphs: str = "auto") -> dict:
+    """``eval_long.py recall``: results.json, samples.jsonl, recall_heatmap.png under ``out``.
+    ``tasks`` None: every task that works at all ``lengths`` (:func:`default_tasks`), the others
+    named with the reason; named tasks that cannot work are refused instead."""
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.eval.model import eos_ids, load_tokenizer
     from megatron_prolong.tokenizer import encode_prompt
 
     haystack_text, haystack_info = read_haystack(haystack_file)
-    check_tasks(list(tasks), haystack_text)
+    if tasks is not None:
+        check_tasks(list(tasks), haystack_text)
     tokenizer = load_tokenizer(checkpoint)
     _, meta = inference.read_checkpoint(checkpoint)
     limit = max_length or int(meta["seq_length"])
-    samples = build_samples(tasks, lengths, num, lambda t: encode_prompt(tokenizer, t), seed, haystack_text, limit)
+    encode = lambda t: encode_prompt(tokenizer, t)  # noqa: E731
+    left_out: dict[str, str] = {}
+    if tasks is None:
+        check_lengths(lengths, limit)
+        tasks, left_out = default_tasks(TASKS, lengths, num, encode, seed, haystack_text)
+        if not tasks:
+            raise EvalInputError(f"no recall task works at {min(lengths)} tokens with this tokenizer: " +
+                                 "; ".join(f"{t} {why}" for t, why in left_out.items()) +
+                                 "; give longer --lengths")
+        if left_out and os.environ.get("RANK", "0") == "0":
+            print(f"[recall] tasks: {', '.join(tasks)}; left out: " +
+                  "; ".join(f"{t} ({why})" for t, why in left_out.items()))
+    samples = build_samples(tasks, lengths, num, encode, seed, haystack_text, limit)
     with inference.megatron_session(ParallelConfig(tp=tp, cp=cp)) as topo:
         gpt, meta = inference.load_model(checkpoint, ParallelConfig(tp=tp, cp=cp), dtype)
         gen = Generator(gpt, int(meta["vocab_size"]), meta["model"].get("rope_positions", "continuous"),
@@ -147,7 +166,8 @@ def recall_main(checkpoint: str | Path, tasks: Sequence[str], lengths: Sequence[
         results = run_recall(gen, tokenizer.decode, samples, topo, log)
         if topo.rank == 0:
             written = write_results(results, out, {"checkpoint": str(checkpoint), "seed": seed,
-                                                   "samples_per_cell": num, "haystack_file": haystack_info})
+                                                   "samples_per_cell": num, "haystack_file": haystack_info,
+                                                   "left_out": left_out})
             print(table(results))
             print("[recall] scores in percent (0-100); wrote " + ", ".join(map(str, written)))
         if dist.is_initialized():

@@ -165,16 +165,43 @@ def _largest_fitting(tokens: Callable[[int], int], length: int, lo: int, guess: 
     return lo
 
 
-def build_samples(tasks: Sequence[str], lengths: Sequence[int], num: int, encode: Encode, seed: int,
-                  haystack_text: str | None, max_length: int) -> list[Sample]:
-    """Every sample, or a clear error before any is built (unknown task, a length the model cannot
-    take, a length below a task's minimum)."""
-    check_tasks(tasks, haystack_text)
+def check_lengths(lengths: Sequence[int], max_length: int) -> None:
+    """Refuse lengths beyond what the model takes (its trained seq_length unless told otherwise)."""
+    if not lengths or min(lengths) < 1:
+        raise EvalInputError(f"--lengths {', '.join(map(str, lengths))}: give positive target lengths in tokens")
     too_long = [n for n in lengths if n > max_length]
     if too_long:
         raise EvalInputError(
             f"length(s) {', '.join(map(str, too_long))} exceed the model's length {max_length} (its trained "
             "seq_length); drop them or pass --max-length to evaluate beyond the trained length on purpose")
+
+
+def default_tasks(candidates: Sequence[str], lengths: Sequence[int], num: int, encode: Encode, seed: int,
+                  haystack_text: str | None) -> tuple[list[str], dict[str, str]]:
+    """The tasks of ``candidates`` that work at every length asked, and why each other one is left
+    out. Defaults leave a task out where an explicit ``--tasks`` / ``eval.tasks`` would be refused:
+    the user did not ask for it, and the suite should run from its defaults (ruler_mv needs an
+    essay; a task whose minimum is above the shortest length would refuse the whole run)."""
+    tasks: list[str] = []
+    left_out: dict[str, str] = {}
+    for task in candidates:
+        if task == "ruler_mv" and not (haystack_text or "").strip():
+            left_out[task] = "needs an essay haystack: --haystack-file PROSE.txt (eval.haystack_file)"
+            continue
+        minimum = minimum_length(task, num, encode, seed, haystack_text)
+        if minimum > min(lengths):
+            left_out[task] = f"needs {minimum} tokens or more"
+        else:
+            tasks.append(task)
+    return tasks, left_out
+
+
+def build_samples(tasks: Sequence[str], lengths: Sequence[int], num: int, encode: Encode, seed: int,
+                  haystack_text: str | None, max_length: int) -> list[Sample]:
+    """Every sample, or a clear error before any is built (unknown task, a length the model cannot
+    take, a length below a task's minimum)."""
+    check_tasks(tasks, haystack_text)
+    check_lengths(lengths, max_length)
     refused = []
     for task in tasks:
         minimum = minimum_length(task, num, encode, seed, haystack_text)

@@ -140,10 +140,11 @@ def _multivalue(rng: random.Random, units: int, depth: int, haystack: list[str] 
     return _NIAH_MV.format(type="numbers", context=" ".join(out), query=key) + "\n" + prefix, values, prefix
 
 
-def _vt_text(rng: random.Random, units: int, depth: int, example: str) -> tuple[str, list[str], str]:
+def _vt_text(rng: random.Random, units: int, depth: int, example: str,
+             name_len: int = 5) -> tuple[str, list[str], str]:
     names: list[str] = []
     while len(names) < 5:
-        name = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=5))
+        name = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=name_len))
         if name not in names:
             names.append(name)
     value = str(rng.randint(10000, 99999))
@@ -159,7 +160,10 @@ def _vt_text(rng: random.Random, units: int, depth: int, example: str) -> tuple[
 
 
 def _variable_tracking(rng: random.Random, units: int, depth: int, haystack: list[str] | None):
-    shot, shot_answer, _ = _vt_text(rng, 8, rng.choice(DEPTHS), "")
+    # The worked example as RULER's variable_tracking.py builds its ICL example: 3-letter names (the
+    # answer's are 5, so the example's cannot be copied as the answer). Its haystack is the task's
+    # smallest (MIN_UNITS), so that the byte tokenizer's ruler_vt fits 2048 tokens (about 1,800).
+    shot, shot_answer, _ = _vt_text(rng, MIN_UNITS["ruler_vt"], rng.choice(DEPTHS), "", name_len=3)
     prompt, names, value = _vt_text(rng, units, depth, shot + " " + " ".join(shot_answer) + "\n\n")
     return prompt, names, _VT_PREFIX.format(num=5, query=value)
 

@@ -114,6 +114,8 @@ def main(raw: DictConfig) -> None:
 
     try:
         run(cfg, OmegaConf.to_yaml(raw, resolve=True), hooks=training_hooks)
+    except ConfigError as err:  # found only once the trainer reads its inputs (eval.data's lines): one line too
+        refuse(err)
     except KeyboardInterrupt:  # Ctrl-C before the training loop took it over: nothing to save yet
         print("megatron-prolong: interrupted (Ctrl-C) before the first step; nothing was saved", file=sys.stderr,
               flush=True)

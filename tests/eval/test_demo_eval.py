@@ -44,7 +44,11 @@ def test_readme_demo_example_runs_as_printed(demo):
     assert "recall --checkpoint outputs/demo" in commands and "--lengths 1024,2048" in commands
     results = json.loads((root / "outputs/demo/recall/results.json").read_text())
     assert results["scale"] == "percent (0-100)"
+    # No --tasks: the tasks that work at 1024 byte tokens; variable tracking (1775) and multi-value
+    # (no essay) are named as left out, in the console and in results.json.
     assert set(results["tasks"]) == {"json_kv", "ruler_mk2", "ruler_mk3"}
+    assert set(results["left_out"]) == {"ruler_mv", "ruler_vt"}
+    assert "left out: ruler_mv (needs an essay haystack" in stdout and "ruler_vt (needs 1775 tokens" in stdout
     for cells in results["tasks"].values():
         assert set(cells) == {"1024", "2048"} and all(0 <= c["score"] <= 100 for c in cells.values())
     rows = [json.loads(x) for x in (root / "outputs/demo/recall/samples.jsonl").read_text().splitlines()]

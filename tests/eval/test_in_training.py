@@ -75,6 +75,20 @@ def test_impossible_eval_settings_are_one_line_at_config_time(run_training, tmp_
     assert not run.dir.exists()  # nothing started: the trainer makes run.dir once the config is valid
 
 
+def test_unreadable_eval_data_is_one_line(run_training, tmp_path):
+    """eval.data's lines are read when the trainer starts, after the config checks: a bad line still
+    ends the run as one line naming the key, with no traceback."""
+    bad = tmp_path / "held.jsonl"
+    bad.write_text(json.dumps({"words": "no input_ids or text"}) + "\n")
+    run = run_training("eval.every=1", "train.steps=1", "checkpoint.save_interval=0", f"eval.data={bad}",
+                       check=False)
+    assert run.proc.returncode == 2 and "Traceback" not in run.output, run.output[-3000:]
+    (line,) = [x for x in run.output.splitlines() if "invalid configuration" in x]
+    assert line.startswith(f"megatron-prolong: invalid configuration: eval.data: {bad}:1: each line needs "
+                           "input_ids or text"), line
+    assert not run.metrics
+
+
 @pytest.mark.parametrize("overrides,message", [
     (("data.seq_length=256",), "eval.every=1: no default task fits data.seq_length=256 (eval.lengths is empty) with "
                                "this tokenizer (minimum lengths: json_kv 693, ruler_mk2 466); set data.seq_length "

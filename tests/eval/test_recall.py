@@ -159,6 +159,12 @@ def test_formats_exactly_as_helmet(encode):
     assert task.count("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
                       "again.") > 10
     assert vt.prompt.count("Memorize and track") == 2  # one worked example first
+    # The example as RULER's variable_tracking.py makes its ICL example: 3-letter names, its answer
+    # after the prefix; it cannot be copied as the 5-letter answer.
+    example = vt.prompt[:-len(task)].rsplit("Memorize and track", 1)[0]
+    shot_names = example.split("they are: ")[1].split()
+    assert len(set(shot_names)) == 5 and all(re.fullmatch("[A-Z]{3}", n) for n in shot_names), shot_names
+    assert example.endswith(" ".join(shot_names) + "\n\n") and f"VAR {shot_names[0]} = " in example
 
 
 def test_bad_requests_are_refused(encode):
