@@ -120,6 +120,7 @@ class EvalConfig:
     max_sequences: int = 8  # of eval.data
     haystack_file: str | None = None  # prose for ruler_mv
     seed: int = 0
+    batch_size: int = 8  # samples of one length decoded together (fewer where GPU memory is short)
 
 
 @dataclass

@@ -63,7 +63,8 @@ class TrainingEval:
         try:
             with torch.no_grad():
                 rope_mode = t.cfg.model.rope_positions
-                gen = Generator(gpt, t.vocab_size, rope_mode, self.tokenizer.eos_ids, self.max_length)
+                gen = Generator(gpt, t.vocab_size, rope_mode, self.tokenizer.eos_ids, self.max_length,
+                                batch_size=t.cfg.eval.batch_size)
                 results = run_recall(gen, self.tokenizer.decode, self.samples, t.topo, t.log)
                 out = {f"eval/{task}/{n}": cell["score"] for task, cells in results["tasks"].items()
                        for n, cell in cells.items()}

@@ -37,6 +37,8 @@ def plan_training_eval(cfg: ProLongConfig, tokenizer: Tokenizer) -> EvalPlan:
         raise ConfigError("eval.every does not support pipeline parallelism (parallel.pp > 1) yet; set eval.every=0")
     if e.samples < 1:
         raise ConfigError(f"eval.samples={e.samples} must be at least 1")
+    if e.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be at least 1 (1: one sample at a time)")
     if e.data and not Path(e.data).exists():
         raise ConfigError(f"eval.data={e.data} does not exist; give held-out documents (jsonl or an MDS folder) "
                           "or eval.data=null")

@@ -99,6 +99,7 @@ def test_unreadable_eval_data_is_one_line(run_training, tmp_path):
     (("eval.lengths=[512]", "eval.tasks=[ruler_vt]"), "ruler_vt: 512 tokens is below the task's minimum of"),
     (("eval.tasks=[ruler_mv]",), "eval.tasks: ruler_mv needs an essay haystack"),
     (("eval.tasks=[ruler_mk2]", "eval.samples=0"), "eval.samples=0 must be at least 1"),
+    (("eval.tasks=[ruler_mk2]", "eval.batch_size=0"), "eval.batch_size=0 must be at least 1"),
     (("eval.data=/no/such/file.jsonl",), "eval.data=/no/such/file.jsonl does not exist"),
     (("model.attention_backend=te",), "eval.every needs model.attention_backend=plugin"),
 ])
