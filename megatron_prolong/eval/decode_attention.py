@@ -85,9 +85,10 @@ def triton_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torc
     b, hq, d = q.shape
     _, hkv, cap, _ = k.shape
     g = hq // hkv
-    # enough programs for every SM a few times over, each reading at least one block of keys
+    # enough programs for every SM a few times over at one row, each reading at least one block of
+    # keys; not chosen by the row count, so a row's sums run in the same order in any batch
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    splits = max(1, min(-(-4 * sms // (b * hkv)), -(-cap // block_n)))
+    splits = max(1, min(-(-4 * sms // hkv), -(-cap // block_n)))
     per_split = -(-cap // (splits * block_n)) * block_n
     splits = -(-cap // per_split)
     qs = q.reshape(b * hkv, g, d).contiguous()

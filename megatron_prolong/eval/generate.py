@@ -46,7 +46,8 @@ class Generator:
     """Greedy decoding for one loaded GPTModel (``inference.load_model``) on this rank.
 
     ``batch_size``: prompts decoded together (fewer where their caches would not fit the GPU's free
-    memory); ``graphs``: ``auto`` replays the decode step from a CUDA graph on a GPU at TP = CP = 1,
+    memory); a smaller batch is padded with idle rows to that width, so a prompt's output does not
+    depend on its companions; ``graphs``: ``auto`` replays the decode step from a CUDA graph on a GPU at TP = CP = 1,
     ``off`` launches it eagerly.
     """
 
@@ -155,7 +156,10 @@ class Generator:
         indices = list(indices) if indices is not None else [None] * len(prompts)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         local = [self._local_len(len(p)) for p in prompts]
-        cache, step = self._decoder_for(len(prompts), capacity_for(max(local), max_new_tokens, self.cp_size))
+        # Always the same number of rows (idle ones padded): cuBLAS picks its GEMM kernel by the row
+        # count, so a prompt's bf16 output then does not depend on how many prompts share its batch.
+        width = max(len(prompts), self.rows_that_fit(max(len(p) for p in prompts), max_new_tokens))
+        cache, step = self._decoder_for(width, capacity_for(max(local), max_new_tokens, self.cp_size))
         outs, lps, nexts, prefill_s = [], [], [], []
         for row, (tokens, idx) in enumerate(zip(prompts, indices)):
             start = time.perf_counter()
@@ -165,22 +169,25 @@ class Generator:
             outs.append([token])
             lps.append([lp])
             nexts.append(position)
+        for row in range(len(prompts), width):
+            cache.begin_row(row, torch.zeros(0, dtype=torch.bool))  # idle: sees no key, output discarded
         start = time.perf_counter()
         cache.start_decoding(max(local))
-        step.load([o[0] for o in outs], nexts)
+        idle = width - len(prompts)
+        step.load([o[0] for o in outs] + [0] * idle, nexts + [0] * idle)
         active = [o[-1] not in self.eos_ids for o in outs]
         for _ in range(max_new_tokens - 1):
             if not any(active):
                 break
             tokens, logprobs = step()
-            for row, (token, lp) in enumerate(zip(tokens, logprobs)):
+            for row, (token, lp) in enumerate(zip(tokens[:len(prompts)], logprobs)):
                 if active[row]:
                     outs[row].append(token)
                     lps[row].append(lp)
                     active[row] = token not in self.eos_ids
         sync()
         decode_s = time.perf_counter() - start
-        stats = {"batch": len(prompts), "cache_bytes_per_rank": cache.memory_bytes(), "graphed": self.graphed}
+        stats = {"batch": len(prompts), "rows": width, "cache_bytes_per_rank": cache.memory_bytes(), "graphed": self.graphed}
         return [Generation(o, lp, ps, decode_s, {"prompt_tokens": len(p), **stats})
                 for o, lp, ps, p in zip(outs, lps, prefill_s, prompts)]
 

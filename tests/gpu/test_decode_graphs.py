@@ -1,7 +1,8 @@
 """GPU: the decode step replayed from a CUDA graph gives the tokens and log-probabilities of the same
-step launched eagerly (fp32 and bf16), a batch of prompts gives each prompt's batch-of-one
-output, and the cached decode gives the log-probabilities of the full forward over prompt +
-output. A 4-layer GQA model with random weights, prompts of mixed lengths, one of them packed."""
+step launched eagerly, and a batch of prompts gives each prompt's output alone, bitwise (fp32 and
+bf16; rows are padded to the batch width, so the GEMMs are the same); in fp32 also equal to a
+one-row decode; and the cached decode gives the log-probabilities of the full forward over
+prompt + output. A 4-layer GQA model with random weights, prompts of mixed lengths, one packed."""
 
 from __future__ import annotations
 
@@ -64,21 +65,28 @@ def test_graphed_equals_eager_and_batch_equals_single(session, precision):
     gpt = _model(precision)
     prompts = _prompts()
     packing = [None, None, None, [[0, 500], [500, 1024]]]
-    eager = Generator(gpt, VOCAB, "continuous", [], 8192, graphs="off")
-    graphed = Generator(gpt, VOCAB, "continuous", [], 8192)
+    eager = Generator(gpt, VOCAB, "continuous", [], 8192, graphs="off", batch_size=4)
+    graphed = Generator(gpt, VOCAB, "continuous", [], 8192, batch_size=4)
     assert graphed.graphed and not eager.graphed
+    # each prompt alone (padded to the 4 rows), eagerly
     singles = [eager.generate(p, NEW, idx) for p, idx in zip(prompts, packing)]
-    # twice through the graphed path: the second batch replays the graph captured by the first
+    # twice through the graphed path: the second batch replays the graph captured by the first;
+    # same kernels, same row count: bitwise the same tokens and log-probabilities, bf16 included
     for _ in range(2):
         batch = graphed.generate_batch(prompts, NEW, packing)
         for one, many in zip(singles, batch):
-            assert many.output_ids == one.output_ids
-            # bf16: a GEMM over 4 rows rounds differently from one over 1 row (0.03 seen)
-            assert max(abs(a - b) for a, b in zip(one.logprobs, many.logprobs)) < (1e-4 if precision == "fp32" else 0.1)
-            assert many.stats["batch"] == 4
+            assert many.output_ids == one.output_ids and many.logprobs == one.logprobs
+            assert many.stats["batch"] == 4 and many.stats["rows"] == 4
     assert graphed._decoder[2].graph is not None  # captured, not fallen back to eager
     alone = [graphed.generate(p, NEW, idx) for p, idx in zip(prompts, packing)]
     assert [g.output_ids for g in alone] == [g.output_ids for g in singles]
+    assert [g.logprobs for g in alone] == [g.logprobs for g in singles]
+    if precision == "fp32":  # one row instead of four: another GEMM kernel, equal to fp32 rounding
+        one_row = Generator(gpt, VOCAB, "continuous", [], 8192, batch_size=1)
+        for p, idx, ref in zip(prompts, packing, singles):
+            g = one_row.generate(p, NEW, idx)
+            assert g.output_ids == ref.output_ids and g.stats["rows"] == 1
+            assert max(abs(a - b) for a, b in zip(g.logprobs, ref.logprobs)) < 1e-4
     # the cached decode against the full forward over prompt + output (first prompt, one document)
     full = score_line(gpt, prompts[0] + singles[0].output_ids, None, VOCAB, "continuous")[len(prompts[0]):]
     bound = 1e-3 if precision == "fp32" else 0.15
