@@ -1,4 +1,7 @@
-"""Training entry point: ``python -m megatron_prolong.train [hydra overrides]``.
+"""The training command, ``python -m megatron_prolong.train [hydra overrides]``: checks the
+configuration, then builds the trainer with its step hooks (the in-training evaluation of
+``eval/``). It is the one module that knows both ``train/`` and ``eval/``, so neither imports the
+other's way up; ``train/__main__.py`` only starts it.
 
 With no overrides it trains the tiny demo. ``experiment=NAME --cfg job`` prints the resolved
 configuration without starting anything (Hydra's own flag).
@@ -87,7 +90,7 @@ def training_hooks(trainer: Trainer) -> list[StepHook]:
     return [TrainingEval(trainer)]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(raw: DictConfig) -> None:
     cfg = _to_typed(raw)
     quiet_libraries(cfg.log.verbose)  # before Megatron is imported: its notices come at import
@@ -120,9 +123,14 @@ def main(raw: DictConfig) -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: an unknown preset refused in one line, then Hydra's ``main``."""
     try:
         check_experiment(sys.argv[1:])
     except ConfigError as err:
         refuse(err)
     main()
+
+
+if __name__ == "__main__":
+    cli()
