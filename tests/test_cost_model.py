@@ -36,7 +36,7 @@ def test_cp_efficiency_is_cp1_time_over_the_slowest_rank():
 
 def test_one_gpu_prediction_reassembles_the_measured_step():
     bench = json.loads(BENCH.read_text())
-    sim = json.loads(cost_model.CP_SIM_DEFAULT[0].read_text())
+    sim = json.loads(cost_model.CP_SIM["h200"][0].read_text())
     measured = bench["paths"]["plugin"]["summary"]["one_doc"]
     r = cost_model.predict(bench, sim, {"tp": 1, "cp": 1}, bench["seq"], 1, "h200", cost_model.Network(),
                            global_batch=1, mix={"one_doc": 1.0})
@@ -45,7 +45,7 @@ def test_one_gpu_prediction_reassembles_the_measured_step():
     assert r["tokens_per_s_gpu"] == pytest.approx(measured["tokens_per_s_gpu_32_layers"], rel=1e-6)
     # twice the tokens of one document: matmul and the rest x 2, attention x 4
     parts = cost_model.split_layer(measured, cost_model.LLAMA3_8B, bench["seq"], [bench["seq"]],
-                                   bench["matmul_tflops"], cost_model.ATTENTION_CP1["one_doc"])
+                                   bench["matmul_tflops"], cost_model.cp1_rates(sim)["one_doc"])
     r2 = cost_model.predict(bench, sim, {"tp": 1, "cp": 1}, 2 * bench["seq"], 1, "h200", cost_model.Network(),
                             global_batch=1, mix={"one_doc": 1.0})
     layer2 = 2 * parts["matmul"] + 4 * parts["attention"] + 2 * parts["other"]
@@ -71,3 +71,15 @@ def test_cp_report_prefers_the_nearest_sequence_length():
     assert cost_model.cp_efficiency(at512, "one_doc", 2) == pytest.approx(1.0)  # only at 128K
     at64 = cost_model.cp_report([r512, r128], 65536)
     assert cost_model.cp_efficiency(at64, "mean2k", 8) == pytest.approx(0.8)
+
+
+def test_one_prediction_reads_one_devices_measurements():
+    bench = json.loads(BENCH.read_text())  # H200 layer times
+    h100 = [json.loads(p.read_text()) for p in cost_model.CP_SIM["h100_80gb"]]
+    with pytest.raises(ValueError, match="h100_80gb"):
+        cost_model.predict(bench, cost_model.cp_report(h100, bench["seq"]), {"tp": 1, "cp": 2}, bench["seq"], 2,
+                           "h200", cost_model.Network(), global_batch=1, mix={"one_doc": 1.0})
+    h200 = [json.loads(p.read_text()) for p in cost_model.CP_SIM["h200"]]
+    with pytest.raises(ValueError, match="different GPUs"):
+        cost_model.cp_report(h100 + h200, bench["seq"])
+    assert cost_model.device_of(bench) == "h200" and cost_model.cp_report(h200, bench["seq"])["device"] == "h200"

@@ -124,6 +124,33 @@ def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, ti
     return run
 
 
+def shared_train(root: Path, name: str, *overrides: str, nproc: int = 1) -> TrainingRun:
+    """``train`` once per test session for every test worker: the first to ask trains ``root / name``
+    under a file lock and records its output, the others wait for it and read the same run. ``root``
+    is a folder all workers share (the session's temporary root, ``shared_root``). Whoever uses it
+    must not change the run's folder."""
+    import fcntl
+
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also if this worker dies)
+        done = folder / "output.json"
+        if done.exists():
+            out = json.loads(done.read_text())
+            return TrainingRun(folder / "run", subprocess.CompletedProcess(out["args"], 0, out["stdout"], out["stderr"]))
+        run = train(folder / "run", *overrides, nproc=nproc)
+        done.write_text(json.dumps({"args": run.proc.args, "stdout": run.proc.stdout, "stderr": run.proc.stderr}))
+        return run
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """The folder every test worker of this session shares (pytest-xdist gives each worker its own
+    temporary root inside the session's)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runs"
+
+
 # Small, fast, float32 runs: checkpoint tests, and comparing parallel layouts step by step.
 SMALL = ("data.seq_length=256", "train.global_batch_size=4", "train.micro_batch_size=1",
          "train.precision=fp32", "log.tensorboard=false")
@@ -134,6 +161,23 @@ def assert_losses_close(a: list[float], b: list[float], rel: float = 1e-4) -> No
     assert len(a) == len(b) and a, (a, b)
     for step, (x, y) in enumerate(zip(a, b), start=1):
         assert abs(x - y) <= rel * abs(y), f"step {step}: {x} vs {y} (rel diff {abs(x - y) / abs(y):.2e})"
+
+
+def parity_baseline(tmp_path_factory) -> dict:
+    """The single-process ``PARITY`` run that parallel layouts are compared with (trained once per
+    session, ``shared_train``): its losses, pre-clip gradient norms, metrics and final tensors."""
+    run = shared_train(shared_root(tmp_path_factory), "parity-baseline", *PARITY)
+    return {"losses": run.losses, "grad_norms": [m["grad_norm"] for m in run.metrics], "metrics": run.metrics,
+            "tensors": checkpoint_tensors(run.dir)}
+
+
+def assert_trains_like(run: TrainingRun, baseline: dict) -> None:
+    """The same per-step losses and gradient norms as ``parity_baseline``, and the same final weights
+    and Adam moments (float32, relative 1e-4)."""
+    assert len(baseline["losses"]) == 4
+    assert_losses_close(run.losses, baseline["losses"])
+    assert_losses_close([m["grad_norm"] for m in run.metrics], baseline["grad_norms"])
+    assert_tensors_close(checkpoint_tensors(run.dir), baseline["tensors"])
 
 
 def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Predicted training throughput of Llama-3-8B on 8-GPU H100/H200 nodes, from measured per-layer rates.
+"""Predicted training throughput of Llama-3-8B on 8-GPU nodes of the GPU a layer report was measured
+on, from its measured per-layer rates.
 
-    python tools/cost_model.py docs/benchmarks/bench_<date>_h200.json [--gpu h100_80gb] [--markdown]
+    python tools/cost_model.py docs/benchmarks/bench_<date>_<gpu>.json [--markdown]
 
 Inputs: one tools/bench.py report (per-layer time of one 64K row on one GPU, per layout, and the
-fixed part: embedding, output layer, loss, optimizer of the 2-layer model), and the interconnect
-bandwidths below. docs/cost_model.md explains every term; in short, per micro-batch (one
+fixed part: embedding, output layer, loss, optimizer of the 2-layer model), tools/bench_cp.py
+--simulate reports (cudnn) measured on the same kind of GPU (the attention rate at CP = 1 and the
+per-rank rate under CP), and the interconnect bandwidths below. One prediction reads one device's
+measurements: a CP report of another GPU is refused (an H100 and an H200 share the compute die,
+not the memory, and their rates differ). docs/cost_model.md explains every term; in short, per micro-batch (one
 sequence of S tokens on the tp x cp GPUs of one model replica):
 
   layer compute   the measured single-GPU layer time split into matmul (6 P S / matmul rate),
-                  attention (causal in-document pairs / attention rate, scaled by S^2 for one
+                  attention (causal in-document pairs / the CP = 1 attention rate of the
+                  same-device CP report nearest the layer report's length, scaled by S^2 for one
                   document and by S for documents of a fixed mean length; under CP divided by
                   the measured per-rank efficiency, ``cp_efficiency``) and the rest
                   (elementwise, proportional to tokens); all of it divided by tp x cp (sequence
@@ -70,7 +75,10 @@ def split_layer(summary: dict, model, seq: int, lengths: list[int], matmul_tflop
 
 
 def predict(bench: dict, cp_sim: dict, layout: dict, seq: int, world: int, gpu: str, net: Network, *,
-            global_batch: int, mix: dict[str, float], tp_gemm_efficiency: float = 0.92, overlap_grad_reduce: bool = True) -> dict:
+            global_batch: int, mix: dict[str, float], tp_gemm_efficiency: float = 0.92, overlap_grad_reduce: bool = True,
+            attention_rates: dict[str, float] | None = None) -> dict:
+    """``cp_sim``: CP rows of the bench report's device (``cp_report``); ``attention_rates``: the CP = 1
+    attention TFLOP/s per layout that split the measured layer time (by default ``cp_sim``'s own)."""
     model = LLAMA3_8B
     tp, cp = layout["tp"], layout["cp"]
     dp = world // (tp * cp)
@@ -79,10 +87,12 @@ def predict(bench: dict, cp_sim: dict, layout: dict, seq: int, world: int, gpu: 
     plugin = bench["paths"][layout.get("path", "plugin")]["summary"]
     rate = bench["matmul_tflops"]
     base_seq = bench["seq"]
+    same_device(bench, cp_sim)
+    attention_rates = cp1_rates(cp_sim) if attention_rates is None else attention_rates
     per_row = {}
     for name, weight in mix.items():
         measured, lengths_base, lengths = _layout(name, base_seq, seq)
-        parts = split_layer(plugin[measured], model, base_seq, lengths_base, rate, ATTENTION_CP1[measured])
+        parts = split_layer(plugin[measured], model, base_seq, lengths_base, rate, attention_rates[measured])
         attn_rate_ratio = cp_efficiency(cp_sim, measured, cp) if cp > 1 else 1.0
         scale = seq / base_seq
         attn_scale = attention_flops(ModelConfig(**{**vars(model), "num_layers": 1}), lengths) / max(
@@ -120,26 +130,63 @@ def predict(bench: dict, cp_sim: dict, layout: dict, seq: int, world: int, gpu: 
             "memory_gib": est.total / GiB, "fits": est.fits}
 
 
-#: attention kernel rates at CP = 1 (TFLOP/s, H100, docs/benchmarks.md 2026-11-24): one document
-#: through cuDNN SDPA, packed documents through the cudnn THD kernel (mean 1.5K: taken as mean 2K's)
-ATTENTION_CP1 = {"one_doc": 540.0, "mean8k": 495.0, "mean2k": 449.0, "mean1.5k": 449.0}
 #: the bench layouts' rows in a tools/bench_cp.py --simulate report (mean 1.5K: taken as mean 2K's)
 CP_SIM_LAYOUT = {"one_doc": "one_doc", "mean8k": "mean8K", "mean2k": "mean2K", "mean1.5k": "mean2K"}
-#: per-rank CP rates (H100, 2026-12-07, docs/benchmarks.md "Per-rank rate under CP"): 128K rows at
-#: CP 2 / 4 / 8 and 512K rows at CP 8; a prediction at S reads the report nearest to S
-CP_SIM_DEFAULT = [Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / name for name in
-                  ("cp_sim_2026-12-07_h100_cudnn.json", "cp_sim_512k_2026-12-07_h100_cudnn.json")]
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+#: the CP reports (cudnn, default split of their date) per GPU, docs/benchmarks.md: H200 of
+#: 2026-12-02 (128K rows, CP 2 / 8; "Context parallelism: the attention package"), H100 of
+#: 2026-12-07 (128K rows at CP 2 / 4 / 8, 512K rows at CP 8; "Per-rank rate under CP")
+CP_SIM = {
+    "h200": [_BENCHMARKS / "cp_sim_2026-12-02_h200_cudnn.json"],
+    "h100_80gb": [_BENCHMARKS / "cp_sim_2026-12-07_h100_cudnn.json", _BENCHMARKS / "cp_sim_512k_2026-12-07_h100_cudnn.json"],
+}
+#: how the reports name the GPU (``torch.cuda.get_device_name``) -> its ``GPU_SPECS`` key
+_DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100_pcie"), ("H100", "h100_80gb"))
+
+
+def device_of(report: dict) -> str:
+    """The ``GPU_SPECS`` key of the GPU a bench (``gpu``) or bench_cp (``device``) report ran on."""
+    name = report.get("gpu") or report.get("device") or ""
+    if name in GPU_SPECS:
+        return name
+    for part, key in _DEVICE_NAMES:
+        if part in name:
+            return key
+    raise ValueError(f"the report names no known GPU ({name!r})")
+
+
+def same_device(bench: dict, cp_sim: dict) -> None:
+    """Refuse a prediction that would mix two GPUs' measurements."""
+    if cp_sim.get("device") and device_of(bench) != device_of(cp_sim):
+        raise ValueError(f"the layer report was measured on {device_of(bench)}, the CP report on "
+                         f"{device_of(cp_sim)}: give CP reports of the same GPU (--cp-sim)")
 
 
 def cp_report(reports: list[dict], seq: int) -> dict:
     """The rows of the report measured nearest to ``seq`` (log scale), and of layouts it lacks
-    from the next nearest."""
+    from the next nearest; all reports of one GPU (refused otherwise), named in ``device``."""
+    devices = {device_of(r) for r in reports if r.get("device")}
+    if len(devices) > 1:
+        raise ValueError(f"CP reports of different GPUs ({', '.join(sorted(devices))}): one prediction, one device")
     rows, seen = [], set()
     for rep in sorted(reports, key=lambda r: abs(math.log2(r["seq"]) - math.log2(seq))):
         names = {r["layout"] for r in rep["rows"]} - seen
         rows += [r for r in rep["rows"] if r["layout"] in names]
         seen |= names
-    return {"rows": rows}
+    return {"rows": rows, "device": devices.pop() if devices else None}
+
+
+def cp1_rates(cp_sim: dict) -> dict[str, float]:
+    """The attention TFLOP/s at CP = 1 per bench layout, from the CP report's cudnn rows (measured in
+    the same process as its CP rows: cuDNN SDPA for one document, the cudnn THD kernel for packed
+    rows; mean 1.5K taken as mean 2K's)."""
+    rates = {}
+    for layout, name in CP_SIM_LAYOUT.items():
+        rows = [r for r in cp_sim["rows"] if r["layout"] == name and r["backend"] == "cudnn"]
+        if not rows:
+            raise ValueError(f"the CP report has no cudnn rows for {name!r}")
+        rates[layout] = rows[0]["cp1_tflops"]
+    return rates
 
 
 def cp_efficiency(cp_sim: dict, layout: str, cp: int) -> float:
@@ -213,30 +260,36 @@ LAYOUTS = {
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bench", help="a tools/bench.py JSON report")
-    p.add_argument("--gpu", default="h100_80gb", choices=sorted(GPU_SPECS))
     p.add_argument("--world", type=int, default=64)
     p.add_argument("--path", default="plugin", help="which path of the report to scale")
-    p.add_argument("--cp-sim", nargs="+", default=[str(x) for x in CP_SIM_DEFAULT],
-                   help="tools/bench_cp.py --simulate reports (cudnn), e.g. one at 128K and one at 512K")
+    p.add_argument("--cp-sim", nargs="+",
+                   help="tools/bench_cp.py --simulate reports (cudnn) of the layer report's GPU, e.g. one at 128K "
+                        "and one at 512K (default: that GPU's reports in docs/benchmarks)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     with open(args.bench) as f:
         bench = json.load(f)
+    gpu = device_of(bench)  # throughput and memory of the GPU the layers were measured on
+    names = args.cp_sim or [str(x) for x in CP_SIM.get(gpu, [])]
+    if not names:
+        raise SystemExit(f"no CP reports of {gpu} in docs/benchmarks: give them with --cp-sim")
     reports = []
-    for name in args.cp_sim:
+    for name in names:
         with open(name) as f:
             reports.append(json.load(f))
+    rates = cp1_rates(cp_report(reports, bench["seq"]))
     net = Network()
     rows = []
     for seq, layouts in LAYOUTS.items():
         gbs, mix = (64 if seq == 65536 else 16), MIXES[seq]
         for lay in layouts:
             world = max(args.world, lay["tp"] * lay["cp"])
-            r = predict(bench, cp_report(reports, seq), {**lay, "path": args.path}, seq, world, args.gpu, net, global_batch=gbs, mix=mix)
+            r = predict(bench, cp_report(reports, seq), {**lay, "path": args.path}, seq, world, gpu, net,
+                        global_batch=gbs, mix=mix, attention_rates=rates)
             r["seq"], r["world"] = seq, world
             rows.append(r)
     if args.markdown:
-        print(f"| seq | tp | cp | dp | recompute | GPUs | tokens/s/GPU | step s | memory GiB ({args.gpu}) | fits |")
+        print(f"| seq | tp | cp | dp | recompute | GPUs | tokens/s/GPU | step s | memory GiB ({gpu}) | fits |")
         print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lay = r["layout"]

@@ -6,28 +6,16 @@ Losses alone cannot tell: Adam's update is invariant to a constant gradient scal
 that doubles its gradients trains to the same losses and weights. The gradient norm catches a
 global scale error; the first moment (exp_avg, an average of clipped gradients) catches one that
 changes the gradient's direction, e.g. a wrong reduction of some tensors only.
+
+The layouts here; recompute, per-document positions and the overlapped gradient reduction in
+test_layout_options.py (its own file, so the two run on separate test workers). The baseline run
+(tests/parallel/conftest.py) is trained once per session.
 """
 
 from __future__ import annotations
 
 import pytest
-from trainrun import PARITY, assert_losses_close, assert_tensors_close, checkpoint_tensors
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    from trainrun import train
-
-    run = train(tmp_path_factory.mktemp("baseline") / "run", *PARITY)
-    return {"losses": run.losses, "grad_norms": [m["grad_norm"] for m in run.metrics],
-            "tensors": checkpoint_tensors(run.dir)}
-
-
-def assert_trains_like(run, baseline) -> None:
-    assert len(baseline["losses"]) == 4
-    assert_losses_close(run.losses, baseline["losses"])
-    assert_losses_close([m["grad_norm"] for m in run.metrics], baseline["grad_norms"])
-    assert_tensors_close(checkpoint_tensors(run.dir), baseline["tensors"])
+from trainrun import PARITY, assert_trains_like
 
 
 @pytest.mark.parametrize(
@@ -46,20 +34,3 @@ def assert_trains_like(run, baseline) -> None:
 )
 def test_layout_matches_single_process(baseline, run_training, layout, nproc):
     assert_trains_like(run_training(*PARITY, *layout, nproc=nproc), baseline)
-
-
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_recompute_matches(baseline, run_training, mode):
-    assert_trains_like(run_training(*PARITY, f"train.recompute={mode}"), baseline)
-
-
-def test_per_document_positions_match_continuous(baseline, run_training):
-    """RoPE is relative, so with document masking restarting positions per document is the same function."""
-    assert_trains_like(run_training(*PARITY, "model.rope_positions=per_document"), baseline)
-
-
-def test_overlapped_grad_reduce_matches(baseline, run_training):
-    """Data-parallel gradients reduced bucket by bucket during backward (2 micro-batches per rank:
-    Megatron starts a bucket's reduction once every micro-batch's gradient has arrived)."""
-    run = run_training(*PARITY, "parallel.overlap_grad_reduce=true", "parallel.distributed_optimizer=true", nproc=2)
-    assert_trains_like(run, baseline)

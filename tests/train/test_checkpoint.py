@@ -1,4 +1,6 @@
-"""Checkpoints: exact resume after kills (also mid-save), stage transitions, preemption, bad steps."""
+"""Checkpoints: exact resume after kills (also mid-save), retention, damaged checkpoints, stage
+transitions. Stop signals and bad steps: test_checkpoint_stop.py (its own file, so the two halves
+run on separate test workers)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainrun import REPO, SMALL, _env, assert_losses_close, by_step, start, train
+from trainrun import REPO, SMALL, TrainingRun, _env, assert_losses_close, by_step, start, train
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -121,13 +123,24 @@ def test_concurrent_readers_of_an_interrupted_save_do_not_race(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
 
 
-def test_damaged_latest_checkpoint_is_refused_naming_the_newest_intact_one(tmp_path):
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """One run of 6 steps saved every 2; each test that damages it works on its own copy."""
+    return train(tmp_path_factory.mktemp("six") / "run", *SMALL, "train.steps=6", "checkpoint.save_interval=2")
+
+
+def _copy(run: TrainingRun, dest: Path) -> TrainingRun:
+    shutil.copytree(run.dir, dest)
+    return TrainingRun(dest, run.proc)
+
+
+def test_damaged_latest_checkpoint_is_refused_naming_the_newest_intact_one(six_steps, tmp_path):
     """A shard truncated after the save (full disk, killed copy): refused in one line before anything
     loads, naming the damage and the override; the override resumes, and the damaged one is kept."""
     from megatron_prolong.train.checkpoint import damage
 
     args = (*SMALL, "train.steps=6", "checkpoint.save_interval=2")
-    run = train(tmp_path / "run", *args)
+    run = _copy(six_steps, tmp_path / "run")
     ckpts = run.dir / "checkpoints"
     (ckpts / "latest_checkpointed_iteration.txt").write_text("4")  # as if stopped after step 4
     shard = ckpts / "iter_0000004" / "__0_0.distcp"
@@ -148,12 +161,11 @@ def test_damaged_latest_checkpoint_is_refused_naming_the_newest_intact_one(tmp_p
     assert f"resumed from {ckpts / 'iter_0000006'} at step 6" in again.output  # the override has done its job
 
 
-def test_retention_after_a_resume_from_an_earlier_step_spares_the_later_checkpoints(tmp_path):
+def test_retention_after_a_resume_from_an_earlier_step_spares_the_later_checkpoints(six_steps, tmp_path):
     """Resuming from step 2 past a damaged step 4 with checkpoint.keep_last=1: the save of step 3
     prunes only what came before it; the damaged step 4 and step 6 stay as they were (keep-last
     over all saved steps would delete step 3, just saved, and both later ones)."""
-    args = (*SMALL, "checkpoint.save_interval=2")
-    run = train(tmp_path / "run", *args, "train.steps=6")
+    run = _copy(six_steps, tmp_path / "run")  # 6 steps saved every 2
     ckpts = run.dir / "checkpoints"
     shard = ckpts / "iter_0000004" / "__0_0.distcp"
     os.truncate(shard, shard.stat().st_size // 2)
@@ -212,76 +224,3 @@ def test_mismatched_checkpoint_is_refused_in_words(uninterrupted, tmp_path):
                 f"checkpoint.load={uninterrupted.dir}", check=False)
     assert run.proc.returncode != 0
     assert "does not fit the configured model" in run.output and "model.num_layers: checkpoint 4, config 2" in run.output
-
-
-def _start_and_wait_for_a_save(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    proc = start(run_dir, *SMALL, "train.steps=500", "checkpoint.save_interval=2", *overrides,
-                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
-    while not tracker.exists() or int(tracker.read_text()) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(1.0)
-    return proc
-
-
-@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, 75), (signal.SIGTERM, 75), (signal.SIGINT, 130)],
-                         ids=["SIGUSR1", "SIGTERM", "SIGINT"])
-def test_stop_signal_to_the_group_checkpoints_and_exits(tmp_path, sig, code):
-    """The signal goes to the whole process group (as Slurm signals a step, GNU timeout its child, a
-    terminal a Ctrl-C) after a first save has started Megatron's checkpoint-writer helpers: they
-    must survive it. Preemptions exit 75 (requeue); Ctrl-C exits 130."""
-    run_dir = tmp_path / "run"
-    proc = _start_and_wait_for_a_save(run_dir)
-    os.killpg(proc.pid, sig)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == code, out[-3000:]
-    step = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
-    assert 3 <= step < 500 and f"{sig.name}: checkpointed at step {step}" in out
-    assert "Traceback" not in out and "Error" not in out, out[-3000:]
-
-
-def test_checkpoint_writer_helper_dies_with_the_killed_trainer(tmp_path):
-    """The helper ignores the stop signals, so nothing but its parent's death may end it: SIGKILL the
-    trainer alone and the helper (and Python's resource tracker) must go too, closing the output pipe."""
-    from megatron_prolong.parallel.lifetime import descendants
-
-    proc = _start_and_wait_for_a_save(tmp_path / "run")
-    helpers = descendants(proc.pid)
-    assert helpers
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)  # hangs while a helper holds the pipe open
-    deadline = time.monotonic() + 30
-    while alive := [p for p in helpers if _alive(p)]:
-        assert time.monotonic() < deadline, f"helpers outlived the trainer: {alive}"
-        time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def test_second_ctrl_c_exits_at_once(tmp_path):
-    # Steps of several seconds: the second Ctrl-C comes long before the step boundary where the
-    # first one would checkpoint (two signals sent at once would arrive as one).
-    proc = _start_and_wait_for_a_save(tmp_path / "run", "data.seq_length=2048")
-    os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "a second SIGINT; exiting now" in out, out[-3000:]
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
-
-
-def test_non_finite_steps_are_skipped_then_stop(tmp_path):
-    run = train(tmp_path / "run", *SMALL, "train.steps=20", "train.lr=1e12", "train.warmup_fraction=0",
-                "train.grad_clip=0", "train.max_skipped_steps_in_row=2", "checkpoint.save_interval=0", check=False)
-    assert run.proc.returncode != 0
-    assert "2 steps in a row had a non-finite loss or gradient" in run.output
-    skipped = [m for m in run.metrics if m["skipped"]]
-    assert len(skipped) >= 1 and skipped[-1]["skipped_total"] >= 1
-    assert not (run.dir / "checkpoints" / "latest_checkpointed_iteration.txt").exists()

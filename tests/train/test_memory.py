@@ -198,7 +198,7 @@ def test_startup_check_estimates_the_backend_the_trainer_runs(monkeypatch):
     from megatron_prolong.config import register_configs
     from megatron_prolong.model.builder import resolve_attention_backend
     from megatron_prolong.train import memory
-    from megatron_prolong.train.__main__ import check_memory
+    from megatron_prolong.main import check_memory
 
     register_configs()
     with initialize_config_module("megatron_prolong.conf", version_base="1.3"):

@@ -38,7 +38,7 @@ PHASES = (  # (name, console line that ends it)
     ("loaded", "initialised from"),
 )
 FORCE_INIT = ("import megatron_prolong.train.checkpoint as c; c.will_load = lambda root, load: False; "
-              "from megatron_prolong.train.__main__ import main; main()")
+              "from megatron_prolong.main import main; main()")
 
 
 def write_checkpoint(path: Path, model: str, layers: int) -> None:
