@@ -243,6 +243,7 @@ class Trainer:
                      "give another run.dir to start a new run")
             return
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard, self.step) if self.topo.is_logger else None
+        mcore_fixes.start_checkpoint_writer_queue()  # before the stop signals are handled (its fix 4)
         preemption = PreemptionHandler(deadline_s=cfg.parallel.timeout_minutes * 60)
         start_step, start_tokens, started = self.step, self.tokens_seen, time.monotonic()
         for line in start_lines(cfg, rank_params(cfg.model, self.vocab_size, tp=1, pp=1), self.peak_alarm.layout,

@@ -30,7 +30,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 class PreemptionHandler:
     def __init__(self, deadline_s: float) -> None:
         # Megatron's checkpoint-writer helper must already run with these signals ignored
-        # (mcore_fixes.apply(), in Trainer.build), or the stop they ask for could not be saved.
+        # (mcore_fixes.start_checkpoint_writer_queue()), or the stop they ask for could not be saved.
         self._signal: int | None = None
         self._interrupted = False
         self._deadline = SigtermDeadline(deadline_s)
