@@ -63,7 +63,9 @@ def _megatron_step_after_a_separate_norm(self, loss: float) -> tuple[bool, float
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_losses_gradient_norms_and_weights_identical_to_megatrons_step(tmp_path, monkeypatch, precision):
-    """Bit for bit, over three steps with clipping active (grad_clip 0.01: every step is clipped)."""
+    """Bit for bit, over three steps with clipping active (grad_clip 0.01: every step is clipped).
+    Megatron's own ``step()`` is the reference, so this also catches a Megatron-Core upgrade whose
+    ``step()`` does more than the pieces ``step_if_finite`` calls."""
     from megatron_prolong.train.loop import Trainer
 
     args = (f"train.precision={precision}", "train.grad_clip=0.01")
@@ -183,3 +185,16 @@ def test_trainer_step_times_the_whole_step_on_cuda(tmp_path, monkeypatch):
     last_sync = len(rec.events) - 1 - rec.events[::-1].index("sync")
     assert rec.events.index("update") < last_sync < len(rec.events) - 1 - rec.events[::-1].index("time")
     assert record["memory_gib"] == 3.0 and record["step_time"] == 2.5
+
+
+@pytest.mark.parametrize("setting", ["log_num_zeros_in_grad", "grad_norm_skip_threshold", "use_precision_aware_optimizer"])
+def test_optimizer_with_a_step_feature_step_if_finite_lacks_is_refused(setting):
+    from megatron_prolong.train.optim import _check_step_if_finite_covers
+
+    config = SimpleNamespace(use_precision_aware_optimizer=False, log_num_zeros_in_grad=False,
+                             grad_norm_skip_threshold=float("inf"))
+    inner = SimpleNamespace(config=config, get_parameters=lambda: [torch.zeros(1)])
+    _check_step_if_finite_covers(SimpleNamespace(chained_optimizers=[inner]))  # the trainer's settings
+    setattr(config, setting, 10.0 if setting == "grad_norm_skip_threshold" else True)
+    with pytest.raises(NotImplementedError, match=setting):
+        _check_step_if_finite_covers(SimpleNamespace(chained_optimizers=[inner]))
