@@ -26,11 +26,8 @@ may have changed meaning.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
 from multiprocessing.managers import SyncManager
 
 import torch
@@ -38,7 +35,7 @@ from megatron.core import package_info
 from megatron.core.optimizer import distrib_optimizer
 
 from megatron_prolong.train.optim import inner_optimizers
-from megatron_prolong.train.preemption import SIGNALS, signals_deferred
+from megatron_prolong.train.preemption import checkpoint_helper_init, signals_deferred
 
 FOR_VERSION = (0, 19)
 _DistOpt = distrib_optimizer.DistributedOptimizer
@@ -79,18 +76,6 @@ def applied() -> bool:
     return _DistOpt._set_main_param_and_optimizer_states is _set_states_keeping_step
 
 
-def _helper_init(parent: int) -> None:
-    """In the helper: ignore the stop signals (the trainer handles them and needs the helper for its
-    last save), and die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an
-    ignored SIGTERM never leaves it behind."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the trainer died before the line above
-        os._exit(0)
-
-
 def start_checkpoint_writer_queue() -> None:
     """Fix 4 (once per process: a queue already there is kept; nothing on another Megatron-Core
     version). Before the trainer's stop-signal handlers are installed. Python's resource tracker unblocks
@@ -105,7 +90,8 @@ def start_checkpoint_writer_queue() -> None:
     resource_tracker.ensure_running()
     with signals_deferred():
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_helper_init, initargs=(os.getpid(),))
+        # the initializer's module is what the helper imports: preemption.py, which imports no Megatron
+        manager.start(initializer=checkpoint_helper_init, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # Megatron's get_write_results_queue() returns it
 
 

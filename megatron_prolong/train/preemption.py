@@ -14,7 +14,10 @@ the run, not a preemption: it exits with ``INTERRUPT_EXIT_CODE`` (130, as a shel
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -60,6 +63,20 @@ class PreemptionHandler:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._deadline.close()
+
+
+def checkpoint_helper_init(parent: int) -> None:
+    """The start of Megatron's checkpoint-writer helper (``mcore_fixes.start_checkpoint_writer_queue``;
+    kept in this module, which imports no Megatron, as the helper imports the module it comes from):
+    ignore the stop signals (the trainer handles them and needs the helper for its last save), and
+    die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an ignored SIGTERM never
+    leaves it behind."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the trainer died before the line above
+        os._exit(0)
 
 
 @contextlib.contextmanager
