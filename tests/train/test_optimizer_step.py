@@ -61,14 +61,15 @@ def _megatron_step_after_a_separate_norm(self, loss: float) -> tuple[bool, float
     return ok, grad_norm
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_losses_gradient_norms_and_weights_identical_to_megatrons_step(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("precision,distopt", [("fp32", False), ("bf16", False), ("bf16", True)],
+                         ids=["fp32", "bf16", "bf16-distopt"])
+def test_losses_gradient_norms_and_weights_identical_to_megatrons_step(tmp_path, monkeypatch, precision, distopt):
     """Bit for bit, over three steps with clipping active (grad_clip 0.01: every step is clipped).
     Megatron's own ``step()`` is the reference, so this also catches a Megatron-Core upgrade whose
     ``step()`` does more than the pieces ``step_if_finite`` calls."""
     from megatron_prolong.train.loop import Trainer
 
-    args = (f"train.precision={precision}", "train.grad_clip=0.01")
+    args = (f"train.precision={precision}", "train.grad_clip=0.01", f"parallel.distributed_optimizer={distopt}")
     new = _train(tmp_path / "new", *args)
     monkeypatch.setattr(Trainer, "_optimizer_step", _megatron_step_after_a_separate_norm)
     old = _train(tmp_path / "old", *args)
