@@ -93,7 +93,7 @@ class TrainerPath:
 def time_layout(path, name: str, warmup: int, steps: int) -> dict:
     path.use_layout(name)
     reset_peak()
-    times = []
+    times, peak, reserved = [], 0.0, 0.0
     for i in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
@@ -101,8 +101,10 @@ def time_layout(path, name: str, warmup: int, steps: int) -> dict:
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
-    return {"step_s": times, "median_s": statistics.median(times), "peak_gib": peak_gib(), "reserved_gib": reserved}
+        # read after every step: the trainer resets the peak counters when a step starts
+        peak = max(peak, peak_gib())
+        reserved = max(reserved, torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0)
+    return {"step_s": times, "median_s": statistics.median(times), "peak_gib": peak, "reserved_gib": reserved}
 
 
 def profile_step(path, name: str, out_dir: str, tag: str) -> None:

@@ -28,8 +28,8 @@ from megatron_prolong.train.checkpoint_manager import CheckpointManager
 from megatron_prolong.train.console import start_lines, summary_line
 from megatron_prolong.train.flops import PeakAlarm, gpu_spec, mfu, model_flops_per_step, model_tflops_per_gpu
 from megatron_prolong.train.memory import estimate_memory, rank_params
-from megatron_prolong.train.metrics import MetricsWriter
-from megatron_prolong.train.optim import build_optimizer, build_scheduler
+from megatron_prolong.train.metrics import MetricsWriter, StepClock
+from megatron_prolong.train.optim import build_optimizer, build_scheduler, step_if_finite
 from megatron_prolong.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, signals_deferred
 from megatron_prolong.train.stats import reduce_step_stats
 from megatron_prolong.train.step import forward_step, prepare_micro_batch, prepare_te_micro_batch
@@ -63,6 +63,7 @@ class Trainer:
         self.cfg, self.topo = cfg, topo
         self.run_dir = Path(cfg.run.dir)
         self.device = _device()
+        self.clock = StepClock(self.device)
         self.hooks: list[StepHook] = []
 
     def build(self) -> Trainer:
@@ -159,7 +160,7 @@ class Trainer:
         """One optimizer step over the global batch. ``update=False`` leaves out gradient norm and
         optimizer step (benchmarks of models whose optimizer states do not fit)."""
         cfg, topo = self.cfg, self.topo
-        start = time.monotonic()
+        self.clock.start()
         raw = self.loader.next_step()
         counts_here = topo.is_last_stage and topo.tp_rank == 0 and topo.cp_rank == 0
         local_flops = model_flops_per_step(cfg.model, self.vocab_size, cu_seqlens=[mb["cu_seqlens"] for mb in raw]) \
@@ -193,7 +194,7 @@ class Trainer:
         self.domains.add_totals(stats.domains)
         step_tokens = cfg.train.global_batch_size * cfg.data.seq_length
         self.tokens_seen += step_tokens
-        elapsed = time.monotonic() - start
+        elapsed = self.clock.elapsed()
         self.peak_alarm.check(self.step, step_flops, elapsed, topo.world_size)
         return {
             "loss": loss,
@@ -206,18 +207,14 @@ class Trainer:
             "tokens_per_s_per_gpu": step_tokens / elapsed / topo.world_size,
             "tflops_per_gpu": model_tflops_per_gpu(step_flops, elapsed, topo.world_size),
             "mfu": mfu(step_flops, elapsed, topo.world_size, self.peak_tflops),
-            "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+            "memory_gib": self.clock.peak_gib(),
             "skipped": 0 if ok else 1,
             "skipped_total": self.skipped_total,
         }
 
     def _optimizer_step(self, loss: float) -> tuple[bool, float]:
         """Step unless the loss or the gradient norm is not finite; stop after too many in a row."""
-        self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
-        ok = math.isfinite(loss) and math.isfinite(grad_norm)
-        if ok:
-            ok, _, _ = self.optimizer.step()
+        ok, grad_norm = step_if_finite(self.optimizer, loss_finite=math.isfinite(loss))
         if ok:
             self.scheduler.step(increment=1)
             self.skipped_in_row = 0
@@ -243,6 +240,7 @@ class Trainer:
                      "give another run.dir to start a new run")
             return
         writer = MetricsWriter(self.run_dir, total, cfg.log.tensorboard, self.step) if self.topo.is_logger else None
+        mcore_fixes.start_checkpoint_writer_queue()  # before the stop signals are handled (its fix 4)
         preemption = PreemptionHandler(deadline_s=cfg.parallel.timeout_minutes * 60)
         start_step, start_tokens, started = self.step, self.tokens_seen, time.monotonic()
         for line in start_lines(cfg, rank_params(cfg.model, self.vocab_size, tp=1, pp=1), self.peak_alarm.layout,

@@ -1,8 +1,11 @@
-"""Work-arounds for Megatron-Core 0.19 on the path without Apex/Transformer Engine (torch Adam).
+"""Work-arounds for Megatron-Core 0.19: fixes 1-3 for the path without Apex/Transformer Engine
+(torch Adam), fix 4 for checkpoints asked for by a stop signal.
 
-They are applied explicitly (``apply()``, first thing in ``Trainer.build``) and only on the Megatron-Core
-minor version they were written against; on another version nothing is patched and ``apply``
-says so, because the private method they wrap may have changed meaning.
+They are applied explicitly (``apply()``, first thing in ``Trainer.build``; fix 4 by
+``start_checkpoint_writer_queue()`` at the start of ``Trainer.run``, as it starts a process that only
+a training run needs) and only on the Megatron-Core minor version they were written against; on
+another version nothing is patched and ``apply`` says so, because the private attributes they use
+may have changed meaning.
 
 1. Loading a ``fully_reshardable`` distributed-optimizer checkpoint with torch's Adam: Megatron
    puts ``step`` into every parameter's state and then copies each state tensor from the
@@ -14,15 +17,25 @@ says so, because the private method they wrap may have changed meaning.
    target is built and dropped before ``load_state_dict`` allocates the real state.
 3. After a distributed-optimizer load every parameter's ``step`` is one shared tensor; torch's
    Adam increments it in place once per parameter, so the bias correction goes wrong.
+4. Megatron's checkpoint writer sends its results through a queue held by a multiprocessing
+   manager process that it starts at the first save. A stop signal sent to the whole process group
+   (Ctrl-C, GNU ``timeout``, a Slurm step signal) kills that process, and the save the signal asks
+   for fails with BrokenPipeError. The manager is started here instead, with the signals ignored,
+   and its queue put where Megatron looks for it (the private ``filesystem_async._results_queue``).
 """
 
 from __future__ import annotations
+
+import multiprocessing
+import os
+from multiprocessing.managers import SyncManager
 
 import torch
 from megatron.core import package_info
 from megatron.core.optimizer import distrib_optimizer
 
 from megatron_prolong.train.optim import inner_optimizers
+from megatron_prolong.train.preemption import checkpoint_helper_init, signals_deferred
 
 FOR_VERSION = (0, 19)
 _DistOpt = distrib_optimizer.DistributedOptimizer
@@ -53,13 +66,33 @@ def apply() -> str | None:
         return (f"megatron-core {package_info.__shortversion__}: the work-arounds for "
                 f"{'.'.join(map(str, FOR_VERSION))} (megatron_prolong/train/mcore_fixes.py) are not "
                 "applied; if a distributed-optimizer checkpoint fails to load with KeyError: 'step', "
-                f"install megatron-core {'.'.join(map(str, FOR_VERSION))}.x (constraints.txt)")
+                "or a save asked for by a stop signal fails with BrokenPipeError, install "
+                f"megatron-core {'.'.join(map(str, FOR_VERSION))}.x (constraints.txt)")
     _DistOpt._set_main_param_and_optimizer_states = _set_states_keeping_step
     return None
 
 
 def applied() -> bool:
     return _DistOpt._set_main_param_and_optimizer_states is _set_states_keeping_step
+
+
+def start_checkpoint_writer_queue() -> None:
+    """Fix 4 (once per process: a queue already there is kept; nothing on another Megatron-Core
+    version). Before the trainer's stop-signal handlers are installed. Python's resource tracker unblocks
+    SIGINT/SIGTERM in this process when it starts, so it starts first; the manager then starts with
+    the signals blocked and ignores them for good. It ends with this process: multiprocessing's exit
+    handlers, or, if this process is killed, the kernel (parent-death signal)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from multiprocessing import resource_tracker
+
+    if installed_version() != FOR_VERSION or filesystem_async._results_queue is not None:
+        return
+    resource_tracker.ensure_running()
+    with signals_deferred():
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        # the initializer's module is what the helper imports: preemption.py, which imports no Megatron
+        manager.start(initializer=checkpoint_helper_init, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()  # Megatron's get_write_results_queue() returns it
 
 
 def materialize_adam_state(optimizer) -> bool:

@@ -166,12 +166,11 @@ def layer_activation_bytes(
     sequence_parallel: bool,
     modules: tuple[str, ...] = (),
     element_bytes: int = 2,
-    calibrated: bool = True,
-    backend: str = "te",
-    factor: float | None = None,
+    factor: float = 1.0,
 ) -> int:
-    """Activations one layer keeps for backward over ``tokens`` tokens (no full recompute);
-    ``factor`` replaces the backend's LAYER_FACTOR (calibration fits it)."""
+    """Activations one layer keeps for backward over ``tokens`` tokens (no full recompute).
+    ``factor`` is the one calibration knob, measured / analytic: 1.0 gives the analytic count;
+    the estimate passes the backend's LAYER_FACTOR (or the value being fitted)."""
     h, f, heads = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_attention_heads
     d_head = h // heads
     kv_local = max(model_cfg.num_query_groups // tp, 1) * d_head
@@ -182,8 +181,6 @@ def layer_activation_bytes(
         per_token += 4 * heads / tp  # fp32 softmax statistics (log-sum-exp) of flash attention
     if "mlp" not in modules:
         per_token += e * 3 * f / tp
-    if factor is None:
-        factor = LAYER_FACTOR[backend] if calibrated else 1.0
     return int(per_token * tokens * factor)
 
 
@@ -260,16 +257,16 @@ def estimate_memory(
     h_sp = h / tp if sp else h
     backend = attention_backend or _get(model_cfg, "attention_backend", "auto")
     plugin_cp = backend == "plugin" and cp > 1
-    calibration = "plugin" if backend == "plugin" else "te"
+    if layer_factor is None:
+        layer_factor = LAYER_FACTOR["plugin" if backend == "plugin" else "te"]
     kv_gathered_extra = int(e * 2 * kv_local * (cp - 1) * tokens) if plugin_cp else 0  # kept K/V of other ranks
-    full_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, (), e, backend=calibration, factor=layer_factor) + kv_gathered_extra
+    full_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, (), e, factor=layer_factor) + kv_gathered_extra
 
     if recompute == "full":
         per_layer = int(e * h_sp * tokens)  # the checkpointed layer input
         recompute_layer = full_layer
     else:
-        per_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, modules, e, backend=calibration,
-                                           factor=layer_factor) + kv_gathered_extra
+        per_layer = layer_activation_bytes(model_cfg, tokens, tp, sp, modules, e, factor=layer_factor) + kv_gathered_extra
         recompute_layer = 0
     activations = per_layer * layers * in_flight
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def format_eta(seconds: float) -> str:
     """``H:MM:SS``, with days in front from 24 h on (``3d 04:05:06``): stage 1 runs for days."""
@@ -92,3 +94,30 @@ class MetricsWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class StepClock:
+    """Wall time and peak memory of one step. On CUDA (only there) the peak-memory counter is reset
+    when the step starts, so the peak is this step's and not the run's so far, and the device is
+    synchronized before the time is read, so kernels still queued when the step's Python returns
+    count in this step and not the next."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._start = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start`, the device's queued work included."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.monotonic() - self._start
+
+    def peak_gib(self) -> float:
+        """Peak allocated memory since :meth:`start` (0 off CUDA)."""
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else 0.0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer.optimizer import GRAD_NORM_GROUP_ATTR
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_prolong.config import ParallelConfig, TrainConfig
@@ -48,6 +52,7 @@ def build_optimizer(
         use_distributed_optimizer=parallel.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(cfg, model_chunks)
+    _check_step_if_finite_covers(optimizer)
     if implementation == "fused" or (implementation == "auto" and torch.cuda.is_available()):
         use_fused_adam(optimizer)
     return optimizer
@@ -69,3 +74,37 @@ def build_scheduler(train: TrainConfig, optimizer: MegatronOptimizer) -> Optimiz
         wd_incr_steps=train.steps,
         wd_incr_style="constant",
     )
+
+
+def step_if_finite(optimizer: MegatronOptimizer, loss_finite: bool = True) -> tuple[bool, float]:
+    """Megatron-Core 0.19's ``ChainedOptimizer.step()`` in its pieces, each run once, with the update
+    refused when the loss or the gradient norm is not finite: (updated, gradient norm before clipping).
+
+    ``step()`` alone would apply a NaN or infinite gradient: it skips only on the overflow flag, which
+    it sets only with a loss scaler (fp16), and bf16 and fp32 have none. Its pieces: the gradients
+    copied to the fp32 main gradients (one pass), their norm (one all-reduce), clipping by that norm,
+    the update. Calling ``get_grad_norm()`` and then ``step()`` would copy and reduce twice."""
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not loss_finite or not math.isfinite(grad_norm):
+        return False, grad_norm
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(inner, "is_stub_optimizer", False) else inner.get_parameters()
+        if inner.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(params, max_norm=inner.config.clip_grad, total_norm=grad_norm)
+    return optimizer.step_with_ready_grads(), grad_norm
+
+
+def _check_step_if_finite_covers(optimizer: MegatronOptimizer) -> None:
+    """``step_if_finite`` leaves out the parts of Megatron's ``step()`` that the trainer never turns
+    on; refuse an optimizer that uses one rather than train it differently."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        c = inner.config
+        unsupported = [name for name, on in (
+            ("use_precision_aware_optimizer", c.use_precision_aware_optimizer),
+            ("log_num_zeros_in_grad", c.log_num_zeros_in_grad),
+            ("grad_norm_skip_threshold", math.isfinite(c.grad_norm_skip_threshold)),
+            ("separate gradient-norm groups", any(getattr(p, GRAD_NORM_GROUP_ATTR, None) for p in inner.get_parameters())),
+        ) if on]
+        if unsupported:
+            raise NotImplementedError(f"step_if_finite does not implement Megatron's {', '.join(unsupported)}")

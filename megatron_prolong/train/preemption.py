@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Iterator
-from multiprocessing.managers import SyncManager
 
 import torch
 import torch.distributed as dist
@@ -34,7 +32,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 class PreemptionHandler:
     def __init__(self, deadline_s: float) -> None:
-        start_checkpoint_writer_helpers()
+        # Megatron's checkpoint-writer helper must already run with these signals ignored
+        # (mcore_fixes.start_checkpoint_writer_queue()), or the stop they ask for could not be saved.
         self._signal: int | None = None
         self._interrupted = False
         self._deadline = SigtermDeadline(deadline_s)
@@ -66,36 +65,18 @@ class PreemptionHandler:
         self._deadline.close()
 
 
-def _helper_init(parent: int) -> None:
-    """In the helper: ignore the stop signals (the trainer handles them and needs the helper for its
-    last save), and die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an
-    ignored SIGTERM never leaves it behind."""
+def checkpoint_helper_init(parent: int) -> None:
+    """The start of Megatron's checkpoint-writer helper (``mcore_fixes.start_checkpoint_writer_queue``;
+    kept in this module, which imports no Megatron, as the helper imports the module it comes from):
+    ignore the stop signals (the trainer handles them and needs the helper for its last save), and
+    die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an ignored SIGTERM never
+    leaves it behind."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the trainer died before the line above
         os._exit(0)
-
-
-def start_checkpoint_writer_helpers() -> None:
-    """Start Megatron's checkpoint-writer result queue (a multiprocessing manager process, else made
-    at the first save) so that the stop signals, sent to the whole process group by Ctrl-C, GNU
-    ``timeout`` or a scheduler, cannot kill it: the save they ask for needs it (a dead one fails the
-    save with BrokenPipeError). Python's resource tracker unblocks SIGINT/SIGTERM in this process
-    when it starts, so it starts first; the manager then starts with the signals blocked and
-    ignores them for good. It ends with this process: multiprocessing's exit handlers, or, if this
-    process is killed, the kernel (parent-death signal)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    from multiprocessing import resource_tracker
-
-    if filesystem_async._results_queue is not None:
-        return
-    resource_tracker.ensure_running()
-    with signals_deferred():
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_helper_init, initargs=(os.getpid(),))
-        filesystem_async._results_queue = manager.Queue()  # Megatron's get_write_results_queue() returns it
 
 
 @contextlib.contextmanager
