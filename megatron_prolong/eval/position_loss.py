@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_prolong import inference
-from megatron_prolong.eval.rows import EvalInputError, map_rows
+from megatron_prolong.eval.rows import EvalInputError, map_rows, read_lines
 from megatron_prolong.eval.score import score_line
 
 
@@ -35,24 +35,13 @@ def read_sequences(path: str | Path, encode: Callable[[str], list[int]], limit: 
         return rows
     if not p.is_file():
         raise EvalInputError(f"--data {p} is neither a jsonl file nor an MDS folder")
-    with open(p) as f:
-        for k, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalInputError(f"{p}:{k}: not a JSON line ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise EvalInputError(f"{p}:{k}: each line needs input_ids or text")
-            if "input_ids" in row:
-                rows.append({"input_ids": [int(t) for t in row["input_ids"]], "indices": row.get("indices")})
-            elif "text" in row:
-                rows.append({"input_ids": encode(row["text"]), "indices": None})
-            else:
-                raise EvalInputError(f"{p}:{k}: each line needs input_ids or text")
-            if limit is not None and len(rows) >= limit:
-                break
+    for row in read_lines(p, keys=("input_ids", "text")):
+        if "input_ids" in row:
+            rows.append({"input_ids": [int(t) for t in row["input_ids"]], "indices": row.get("indices")})
+        else:
+            rows.append({"input_ids": encode(row["text"]), "indices": None})
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

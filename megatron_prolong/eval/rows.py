@@ -43,7 +43,7 @@ def read_lines(path: str | Path, keys: tuple[str, ...] = ("input_ids",)) -> list
             except json.JSONDecodeError as err:
                 raise EvalInputError(f"{path}:{k}: not JSON ({err})") from err
             if not isinstance(row, dict) or not any(key in row for key in keys):
-                raise EvalInputError(f"{path}:{k}: each line needs an object with {' or '.join(keys)}")
+                raise EvalInputError(f"{path}:{k}: each line needs {' or '.join(keys)} (one JSON object a line)")
             rows.append(row)
     return rows
 
