@@ -26,7 +26,7 @@ from megatron_prolong import inference
 from megatron_prolong.eval.decode_step import DecodeStep
 from megatron_prolong.eval.kv_cache import CachedPackedSeqParams, KVCache, capacity_for
 from megatron_prolong.eval.model import (
-    forward_hidden, output_logits, packed_line, vocab_parallel_argmax, vocab_parallel_logprobs,
+    forward_hidden, output_logits, packed_line, padded_length, vocab_parallel_argmax, vocab_parallel_logprobs,
 )
 from megatron_prolong.eval.rows import EvalInputError
 
@@ -47,8 +47,8 @@ class Generator:
 
     ``batch_size``: prompts decoded together (fewer where their caches would not fit the GPU's free
     memory); a smaller batch is padded with idle rows to that width, so a prompt's output does not
-    depend on its companions; ``graphs``: ``auto`` replays the decode step from a CUDA graph on a GPU at TP = CP = 1,
-    ``off`` launches it eagerly.
+    depend on its companions. ``graphs``: ``auto`` replays the decode step from a CUDA graph on a
+    GPU at TP = CP = 1, ``off`` launches it eagerly.
     """
 
     def __init__(self, gpt, vocab_size: int, rope_mode: str, eos_ids: Sequence[int], max_length: int, *,
@@ -75,6 +75,7 @@ class Generator:
             logger.warning("generate: decode steps launched without CUDA graphs at tp=%d cp=%d (graphs need "
                            "tp = cp = 1: the TP argmax and the CP merge are collectives)", tp, self.cp_size)
         self._decoder: tuple[tuple[int, int], KVCache, DecodeStep] | None = None
+        self._rows: dict[int, int] = {}  # rows_that_fit, per length bucket
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len + max_new_tokens > self.max_length:
@@ -84,20 +85,27 @@ class Generator:
                 "or pass --max-length to evaluate beyond the trained length on purpose")
 
     def _local_len(self, n: int) -> int:
-        multiple = 2 * self.cp_size if self.cp_size > 1 else 1
-        return -(-n // multiple) * multiple // self.cp_size
+        return padded_length(n, self.cp_size) // self.cp_size
 
     def bucket(self, prompt_len: int, max_new_tokens: int) -> int:
         """The cache slots per row a prompt needs: prompts of one bucket share a cache and a decode graph."""
         return capacity_for(self._local_len(prompt_len), max_new_tokens, self.cp_size)
 
     def rows_that_fit(self, prompt_len: int, max_new_tokens: int) -> int:
-        """``batch_size``, or fewer where the rows' caches and one prefill would not fit free GPU memory."""
+        """``batch_size``, or fewer where the rows' caches and one prefill would not fit free GPU memory.
+
+        Decided once per length bucket (one collective, one warning), so every batch of a bucket has
+        the same width, whoever asks (the batching of the rows, then ``generate_batch``)."""
         if self.device.type != "cuda" or self.batch_size == 1:
             return self.batch_size
+        bucket = self.bucket(prompt_len, max_new_tokens)
+        if bucket not in self._rows:
+            self._rows[bucket] = self._measure_rows(prompt_len, bucket)
+        return self._rows[bucket]
+
+    def _measure_rows(self, prompt_len: int, slots: int) -> int:
         cfg = self.gpt.config
         tp = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
-        slots = self.bucket(prompt_len, max_new_tokens)
         elem = next(self.gpt.parameters()).element_size()
         per_row = len(self.gpt.decoder.layers) * 2 * (cfg.num_query_groups // tp) * cfg.kv_channels * slots * elem
         # One prompt's prefill: the MLP's [s, 2 x ffn] and [s, ffn] outputs and a dozen [s, hidden] tensors.
@@ -187,7 +195,8 @@ class Generator:
                     active[row] = token not in self.eos_ids
         sync()
         decode_s = time.perf_counter() - start
-        stats = {"batch": len(prompts), "rows": width, "cache_bytes_per_rank": cache.memory_bytes(), "graphed": self.graphed}
+        stats = {"batch": len(prompts), "rows": width, "cache_bytes_per_rank": cache.memory_bytes(),
+                 "graphed": self.graphed}
         return [Generation(o, lp, ps, decode_s, {"prompt_tokens": len(p), **stats})
                 for o, lp, ps, p in zip(outs, lps, prefill_s, prompts)]
 

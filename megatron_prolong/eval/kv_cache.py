@@ -13,9 +13,9 @@ round-robin, so the shards stay balanced.
 The buffers have a fixed capacity and the write position is a device tensor, so a decode step
 launches the same kernels on the same addresses every time and can be replayed from a CUDA graph
 (:mod:`megatron_prolong.eval.decode_step`); attention (:mod:`megatron_prolong.eval.decode_attention`)
-reads every slot and a validity mask hides the empty ones. Cached keys carry that mask per row: a generated token sees only its own (the
-prompt's last) document, never padding, other rows or earlier documents of a packed prompt,
-exactly as in training.
+reads every slot and a validity mask hides the empty ones. Cached keys carry that mask per row:
+a generated token sees only its own (the prompt's last) document, never padding, other rows or
+earlier documents of a packed prompt, exactly as in training.
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ class PackedLine:
     padded: int  # s
 
 
+def padded_length(n: int, cp: int) -> int:
+    """A line of ``n`` tokens padded for the zigzag CP split (2 x CP chunks); unpadded at CP = 1."""
+    multiple = 2 * cp if cp > 1 else 1
+    return -(-n // multiple) * multiple
+
+
 def packed_line(tokens: Sequence[int], indices, vocab_size: int, rope_mode: str, device) -> PackedLine:
     """Document layout, RoPE positions and this CP rank's shard of one line (padding is its own document)."""
     from megatron.core import parallel_state
@@ -64,8 +70,7 @@ def packed_line(tokens: Sequence[int], indices, vocab_size: int, rope_mode: str,
         raise EvalInputError(f"input_ids must be in [0, {vocab_size}) for this checkpoint")
     cuts = boundaries(n, indices)
     cp = parallel_state.get_context_parallel_world_size()
-    multiple = 2 * cp if cp > 1 else 1
-    s = -(-n // multiple) * multiple
+    s = padded_length(n, cp)
     if s > n:
         cuts = cuts + [s]
     ids = torch.zeros(1, s, dtype=torch.long, device=device)

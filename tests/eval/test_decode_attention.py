@@ -1,9 +1,9 @@
 """The split-key decode attention (eval/decode_attention.py) against a float64 softmax: Triton's
 kernels in its CPU interpreter (TRITON_INTERPRET=1, set in a child process before Triton loads) and
 the PyTorch form the CPU decode uses, in float32 (Triton 3.6's interpreter multiplies bf16 blocks
-wrongly, so the bf16 kernel is checked on the GPU: tests/gpu/test_decode_graphs.py), with grouped query heads, masked slots, a cache length that is
-not a multiple of the key block, and a row that sees no key at all (a CP shard without its
-document: output 0, log-sum-exp -inf)."""
+wrongly, so the bf16 kernel is checked on the GPU: tests/gpu/test_decode_graphs.py), with grouped
+query heads, masked slots, a cache length that is not a multiple of the key block, and a row that
+sees no key at all (a CP shard without its document: output 0, log-sum-exp -inf)."""
 
 from __future__ import annotations
 
