@@ -135,6 +135,21 @@ def profile(graphed, eager, prompt: list[int], path: Path) -> None:
     print("\n".join(lines), flush=True)
 
 
+def profile_prefill(gen, prompt: list[int], path: Path) -> None:
+    """CUDA kernel time by kernel of one prefill (the prompt and its first token), after one unprofiled."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    gen.generate(prompt, 1)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        gen.generate(prompt, 1)
+        torch.cuda.synchronize()
+    table = f"== prefill of {len(prompt)} tokens\n" + prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    path.write_text(table)
+    print(table, flush=True)
+
+
 def check_4k(gpt, gen_graphed, gen_eager, g) -> dict:
     from megatron_prolong.eval.score import score_line
 
@@ -153,7 +168,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=100, help="HELMET's recall tasks generate up to 100")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--no-hf", action="store_true")
-    p.add_argument("--profile", action="store_true", help="kernel table of 20 decode steps, eager and graphed")
+    p.add_argument("--profile", action="store_true",
+                   help="kernel tables of 20 decode steps (eager and graphed) and of one prefill at the last length")
     args = p.parse_args()
     from megatron_prolong.config import ParallelConfig
     from megatron_prolong.eval.generate import Generator
@@ -197,6 +213,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
             if args.profile:
                 profile(graphed, eager, prompts[lengths[0]][1], dest / f"profile_{layers}l.txt")
+                profile_prefill(graphed, prompts[lengths[-1]][1], dest / f"prefill_profile_{layers}l.txt")
             n = lengths[0]
             one = graphed.generate_batch(prompts[n][1:2], new)[0]
             many = graphed.generate_batch(prompts[n][1:args.batch + 1], new)
