@@ -59,22 +59,28 @@ if triton_available():
 
     @triton.jit
     def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, splits, G: tl.constexpr, D: tl.constexpr,
-                      S_PAD: tl.constexpr):
+                      CHUNK: tl.constexpr):
+        # Splits are summed a fixed-size chunk at a time, in order: splits past a row's keys add exact
+        # zeros, so a row gives the same bits whatever the capacity (the batch's longest prompt) adds.
         bh = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
-        si = tl.arange(0, S_PAD)
         di = tl.arange(0, D)
-        live = si < splits
-        m = tl.load(m_ptr + (bh * splits + si) * G + g, mask=live, other=-1.0e30)
-        l_ = tl.load(l_ptr + (bh * splits + si) * G + g, mask=live, other=0.0)
-        top = tl.max(m, axis=0)
-        w = tl.exp(m - top) * l_
-        total = tl.sum(w, axis=0)
-        acc = tl.load(acc_ptr + ((bh * splits + si) * G + g)[:, None] * D + di[None, :], mask=live[:, None],
-                      other=0.0)
-        scale = tl.exp(m - top) / tl.maximum(total, 1.0e-30)
-        out = tl.sum(acc * scale[:, None], axis=0)
-        tl.store(out_ptr + (bh * G + g) * D + di, out)
+        top = tl.full((), -1.0e30, tl.float32)
+        for s0 in range(0, splits, CHUNK):
+            si = s0 + tl.arange(0, CHUNK)
+            m = tl.load(m_ptr + (bh * splits + si) * G + g, mask=si < splits, other=-1.0e30)
+            top = tl.maximum(top, tl.max(m, axis=0))
+        total = tl.zeros((), tl.float32)
+        out = tl.zeros((D,), tl.float32)
+        for s0 in range(0, splits, CHUNK):
+            si = s0 + tl.arange(0, CHUNK)
+            live = si < splits
+            w = tl.exp(tl.load(m_ptr + (bh * splits + si) * G + g, mask=live, other=-1.0e30) - top)
+            total += tl.sum(w * tl.load(l_ptr + (bh * splits + si) * G + g, mask=live, other=0.0), axis=0)
+            acc = tl.load(acc_ptr + ((bh * splits + si) * G + g)[:, None] * D + di[None, :], mask=live[:, None],
+                          other=0.0)
+            out += tl.sum(acc * w[:, None], axis=0)
+        tl.store(out_ptr + (bh * G + g) * D + di, out / tl.maximum(total, 1.0e-30))
         lse = tl.where(total > 0, top + tl.log(tl.maximum(total, 1.0e-30)), float("-inf"))
         tl.store(lse_ptr + bh * G + g, lse)
 
@@ -86,7 +92,8 @@ def triton_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torc
     _, hkv, cap, _ = k.shape
     g = hq // hkv
     # enough programs for every SM a few times over at one row, each reading at least one block of
-    # keys; not chosen by the row count, so a row's sums run in the same order in any batch
+    # keys. Chosen by the capacity, not the row count: a row's sums run in the same order in any
+    # batch of the same capacity, and at any capacity up to 4 x SMs / hkv blocks (a block a split).
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     splits = max(1, min(-(-4 * sms // hkv), -(-cap // block_n)))
     per_split = -(-cap // (splits * block_n)) * block_n
@@ -100,7 +107,7 @@ def triton_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torc
                                      PRECISION="ieee" if k.dtype == torch.float32 else "tf32")
     out = torch.empty(b * hkv, g, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b * hkv, g, dtype=torch.float32, device=q.device)
-    _merge_kernel[(b * hkv, g)](acc, m, l_, out, lse, splits, G=g, D=d, S_PAD=triton.next_power_of_2(splits))
+    _merge_kernel[(b * hkv, g)](acc, m, l_, out, lse, splits, G=g, D=d, CHUNK=32)
     return out.view(b, hq, d), lse.view(b, hq)
 
 

@@ -180,7 +180,7 @@ class Generator:
         for row in range(len(prompts), width):
             cache.begin_row(row, torch.zeros(0, dtype=torch.bool))  # idle: sees no key, output discarded
         start = time.perf_counter()
-        cache.start_decoding(max(local))
+        cache.start_decoding(local + [0] * (width - len(prompts)))
         idle = width - len(prompts)
         step.load([o[0] for o in outs] + [0] * idle, nexts + [0] * idle)
         active = [o[-1] not in self.eos_ids for o in outs]

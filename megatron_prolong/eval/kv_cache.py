@@ -49,9 +49,11 @@ class _LayerCache:
         self.v[row, :, :s] = v[:, 0].transpose(0, 1)
 
     def write(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Every row's new K/V, [1, b, hkv, d], at the slot held by the device tensor ``slot`` [1]."""
-        self.k.index_copy_(2, slot, k[0][:, :, None])
-        self.v.index_copy_(2, slot, v[0][:, :, None])
+        """Every row's new K/V, [1, b, hkv, d], each at its own slot, held by the device tensor ``slot`` [b]."""
+        b, hkv, _, d = self.k.shape
+        where = slot.view(b, 1, 1, 1).expand(b, hkv, 1, d)
+        self.k.scatter_(2, where, k[0][:, :, None])
+        self.v.scatter_(2, where, v[0][:, :, None])
 
     def attend(self, q: torch.Tensor, valid: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """q [b, hq, d] against every slot: (output [b, hq, d] fp32, lse [b, hq] fp32)."""
@@ -100,7 +102,9 @@ class KVCache:
         self.cp_rank = dist.get_rank(self.cp_group) if self.cp_group is not None else 0
         self.layers: dict[int, _LayerCache] = {}
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # next write position on this rank
+        # each row's next write position on this rank: right after its own prompt, so a row's keys sit
+        # in the same slots (and the attention sums them in the same order) whatever shares its batch
+        self.slot = torch.zeros(batch, dtype=torch.long, device=device)
         self.row = 0
         self.decoding = False
         self.steps = 0
@@ -121,11 +125,14 @@ class KVCache:
             cache = self.layers[layer] = _LayerCache(self.batch, self.capacity, k)
         cache.store(self.row, k, v)
 
-    def start_decoding(self, first_slot: int) -> None:
-        """Decode from slot ``first_slot`` on (past every row's prefill shard)."""
+    def start_decoding(self, first_slots: list[int]) -> None:
+        """Decode row ``i`` from slot ``first_slots[i]`` on (right after its prefill shard on this rank)."""
+        if len(first_slots) != self.batch:
+            raise ValueError(f"{len(first_slots)} first slots for a cache of {self.batch} rows")
         self.decoding, self.steps = True, 0
-        self.valid[:, first_slot:] = False
-        self.slot.fill_(first_slot)
+        for row, first in enumerate(first_slots):
+            self.valid[row, first:] = False
+        self.slot.copy_(torch.tensor(first_slots, dtype=torch.long))
 
     def _writes(self) -> bool:
         return self.steps % self.cp_size == self.cp_rank
@@ -142,7 +149,7 @@ class KVCache:
     def begin_step(self) -> None:
         """Before a decode step: the slot the new tokens go to becomes visible (on the rank writing it)."""
         if self._writes():
-            self.valid.index_fill_(1, self.slot, True)
+            self.valid.scatter_(1, self.slot[:, None], True)
 
     def end_step(self) -> None:
         """After a decode step: the next slot on the rank that wrote this one."""

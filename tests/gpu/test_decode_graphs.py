@@ -48,13 +48,18 @@ def _prompts() -> list[list[int]]:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_split_key_attention_equals_float64(dtype, tol):
-    """The Triton kernels on the GPU, bf16 included (the CPU test runs them in float32 only)."""
+    """The Triton kernels on the GPU, bf16 included (the CPU test runs them in float32 only), and the
+    same bits for a row when the cache grows by empty slots."""
     import test_decode_attention as t
 
     from megatron_prolong.eval.decode_attention import triton_attend
 
-    t.check(lambda q, k, v, valid, scale: triton_attend(q.cuda(), k.cuda(), v.cuda(), valid.cuda(), scale),
-            dtype, tol)
+    def attend(q, k, v, valid, scale):
+        return triton_attend(q.cuda(), k.cuda(), v.cuda(), valid.cuda(), scale)
+
+    t.check(attend, dtype, tol)
+    t.check(attend, dtype, tol, cap=5000)  # 79 splits: the merge's chunks of 32 more than once
+    t.same_at_larger_capacity(attend, dtype, more=1000)  # 10 splits against 25: a row alone = beside a longer one
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
