@@ -93,20 +93,25 @@ def export_hf(gpt, model, folder: Path):
     return LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
 
 
-def hf_sample(hf, prompt: list[int], new: int) -> dict:
-    """Seconds for the prefill alone (one new token) and for prefill + ``new`` tokens."""
+def hf_sample(hf, prompt: list[int], new: int, cache: str = "dynamic") -> dict:
+    """Seconds for the prefill alone (one new token) and for prefill + ``new`` tokens. ``cache="static"``:
+    transformers' static cache, which it compiles on first use: one untimed sample first, then the
+    timed one (a prefill alone would need another cache shape, so it is not timed)."""
     ids = torch.tensor([prompt], device="cuda")
     mask = torch.ones_like(ids)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
     times = {}
-    for n in (1, new):
+    for n in ((new, new) if cache == "static" else (1, new)):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=0)
+                              pad_token_id=0, **extra)
         torch.cuda.synchronize()
+        times.setdefault("first", time.perf_counter() - start)
         times[n] = time.perf_counter() - start
-    return {"prefill_s": times[1], "sample_s": times[new], "tokens": out[0, len(prompt):].tolist()}
+    return {"prefill_s": times.get(1), "first_sample_s": times["first"], "sample_s": times[new],
+            "tokens": out[0, len(prompt):].tolist()}
 
 
 def ours_sample(gen, prompt: list[int], new: int) -> dict:
@@ -168,6 +173,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=100, help="HELMET's recall tasks generate up to 100")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--hf-cache", default="dynamic", choices=("dynamic", "static"),
+                   help="transformers' KV cache for its generate (static: compiled on first use)")
     p.add_argument("--profile", action="store_true",
                    help="kernel tables of 20 decode steps (eager and graphed) and of one prefill at the last length")
     args = p.parse_args()
@@ -237,9 +244,10 @@ def main() -> int:
                     gc.collect()
                     torch.cuda.empty_cache()
                     for n in lengths:
-                        h = hf_sample(hf, prompts[n][1], new)
+                        h = hf_sample(hf, prompts[n][1], new, args.hf_cache)
                         mine = next(r for r in out["runs"] if r["layers"] == layers and r["prompt_tokens"] == n)
-                        cmp = {"layers": layers, "prompt_tokens": n, "hf_prefill_s": h["prefill_s"],
+                        cmp = {"layers": layers, "prompt_tokens": n, "hf_cache": args.hf_cache,
+                               "hf_prefill_s": h["prefill_s"], "hf_first_sample_s": h["first_sample_s"],
                                "hf_sample_s": h["sample_s"], "ours_sample_s": mine["graphed"]["sample_s"],
                                "ours_over_hf": mine["graphed"]["sample_s"] / h["sample_s"],
                                "leading_tokens_equal": next((i for i, (a, b) in enumerate(
