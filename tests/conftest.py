@@ -4,14 +4,25 @@ Every process the tests start inherits ``PROLONG_TEST_SESSION`` (a value unique 
 session, set here before anything is started); at the end of the session any process still
 carrying it (a trainer, a torchrun, a checkpoint writer, a Slurm daemon of the test cluster)
 fails the run, is listed, and is killed.
+
+pytest-xdist runs each test file whole on one worker (``--dist loadfile``), in collection order: the
+files that take longest start first (``LONGEST_FIRST``), so that the workers end together, on short
+files.
+
+When the NeMo tests are selected, the session starts building their environment
+(tests/convert/nemo_env/setup.sh) in the background as soon as it knows, so that its downloads and
+installs overlap other tests; the NeMo tests' own call of setup.sh waits for it (and retries, with
+its error, if it failed).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -21,6 +32,59 @@ from trainrun import TrainingRun, train
 SESSION_MARK = "PROLONG_TEST_SESSION"
 os.environ[SESSION_MARK] = uuid.uuid4().hex
 LEFTOVER_GRACE_S = 30  # processes already on their way out (daemons being stopped) get this long
+REPO = Path(__file__).resolve().parent.parent
+NEMO_TESTS = "tests/convert/test_nemo.py::"
+# The files that took 45 s or more on 2 CPU cores, longest first.
+LONGEST_FIRST = (
+    "tests/train/test_checkpoint.py", "tests/parallel/test_layouts.py", "tests/slurm/test_slurm_launch.py",
+    "tests/eval/test_demo_eval.py", "tests/train/test_resume.py", "tests/parallel/test_lifetime.py",
+    "tests/parallel/test_cp_parity.py", "tests/train/test_optimizer_reshard.py", "tests/eval/test_in_training.py",
+    "tests/train/test_checkpoint_stop.py", "tests/convert/test_trainer_and_tools.py", "tests/test_config.py",
+    "tests/eval/test_lengths.py", "tests/parallel/test_layout_options.py", "tests/attention/test_attn_backends.py",
+    "tests/eval/test_recall.py", "tests/eval/test_generate.py",
+)
+_nemo_env_build: subprocess.Popen | None = None
+
+
+def _build_nemo_env_if_selected(config: pytest.Config, nodeids: Iterable[str]) -> None:
+    global _nemo_env_build
+    if _nemo_env_build is None and not config.option.collectonly and any(i.startswith(NEMO_TESTS) for i in nodeids):
+        _nemo_env_build = subprocess.Popen(["bash", str(REPO / "tests" / "convert" / "nemo_env" / "setup.sh")],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    _build_nemo_env_if_selected(node.config, ids)  # the controller of a pytest-xdist session
+
+
+def pytest_configure(config):
+    missing = [f for f in LONGEST_FIRST if not (REPO / f).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST names files that do not exist: {missing}")
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's own order: files with more tests first
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # a session without pytest-xdist
+        _build_nemo_env_if_selected(config, [item.nodeid for item in items])
+
+
+def _stop_nemo_env_build() -> None:
+    """A build the NeMo tests did not wait for (they failed early or the session was cut short) is
+    stopped with all its processes: a half-built environment has no stamp and is rebuilt next time."""
+    if _nemo_env_build is None or _nemo_env_build.poll() is not None:
+        return
+    os.killpg(_nemo_env_build.pid, signal.SIGTERM)
+    try:
+        _nemo_env_build.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(_nemo_env_build.pid, signal.SIGKILL)
+        _nemo_env_build.wait()
 
 
 @pytest.fixture
@@ -60,6 +124,7 @@ def session_processes() -> dict[int, str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _stop_nemo_env_build()
     if not Path("/proc/self/environ").exists():
         return
     deadline = time.monotonic() + LEFTOVER_GRACE_S

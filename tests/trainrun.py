@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,11 +125,11 @@ def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, ti
     return run
 
 
-def shared_train(root: Path, name: str, *overrides: str, nproc: int = 1) -> TrainingRun:
-    """``train`` once per test session for every test worker: the first to ask trains ``root / name``
-    under a file lock and records its output, the others wait for it and read the same run. ``root``
-    is a folder all workers share (the session's temporary root, ``shared_root``). Whoever uses it
-    must not change the run's folder."""
+def run_once(root: Path, name: str, make: Callable[[Path], dict]) -> dict:
+    """``make(root / name)`` once per test session for every test worker: the first to ask runs it
+    under a file lock and records what it returns (JSON), the others wait for it and read the same
+    record. ``root`` is a folder all workers share (the session's temporary root, ``shared_root``);
+    a ``make`` that raises records nothing, so the next to ask tries again."""
     import fcntl
 
     folder = root / name
@@ -136,12 +137,21 @@ def shared_train(root: Path, name: str, *overrides: str, nproc: int = 1) -> Trai
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also if this worker dies)
         done = folder / "output.json"
-        if done.exists():
-            out = json.loads(done.read_text())
-            return TrainingRun(folder / "run", subprocess.CompletedProcess(out["args"], 0, out["stdout"], out["stderr"]))
+        if not done.exists():
+            done.write_text(json.dumps(make(folder)))
+        return json.loads(done.read_text())
+
+
+def shared_train(root: Path, name: str, *overrides: str, nproc: int = 1) -> TrainingRun:
+    """``train`` once per test session for every test worker (``run_once``), into ``root / name / "run"``.
+    Whoever uses it must not change the run's folder."""
+
+    def make(folder: Path) -> dict:
         run = train(folder / "run", *overrides, nproc=nproc)
-        done.write_text(json.dumps({"args": run.proc.args, "stdout": run.proc.stdout, "stderr": run.proc.stderr}))
-        return run
+        return {"args": run.proc.args, "stdout": run.proc.stdout, "stderr": run.proc.stderr}
+
+    out = run_once(root, name, make)
+    return TrainingRun(root / name / "run", subprocess.CompletedProcess(out["args"], 0, out["stdout"], out["stderr"]))
 
 
 def shared_root(tmp_path_factory) -> Path:

@@ -19,11 +19,12 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from megatron_prolong.parallel.lifetime import SigtermDeadline
+
+if TYPE_CHECKING:
+    import torch
 
 REQUEUE_EXIT_CODE = 75
 INTERRUPT_EXIT_CODE = 128 + signal.SIGINT
@@ -45,6 +46,9 @@ class PreemptionHandler:
     def should_stop(self, device: torch.device) -> bool:
         """True on every rank once any rank was signalled (ranks may receive it at different times).
         Ctrl-C on any rank wins over a preemption: the user wants the run stopped, not requeued."""
+        import torch  # not at the top: the checkpoint-writer helper imports this module, and no torch
+        import torch.distributed as dist
+
         mine = 0.0 if self._signal is None else 2.0 if self._signal == signal.SIGINT else 1.0
         flag = torch.tensor([mine], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -67,10 +71,10 @@ class PreemptionHandler:
 
 def checkpoint_helper_init(parent: int) -> None:
     """The start of Megatron's checkpoint-writer helper (``mcore_fixes.start_checkpoint_writer_queue``;
-    kept in this module, which imports no Megatron, as the helper imports the module it comes from):
-    ignore the stop signals (the trainer handles them and needs the helper for its last save), and
-    die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an ignored SIGTERM never
-    leaves it behind."""
+    kept in this module, which imports neither torch nor Megatron, as the helper imports the module it
+    comes from): ignore the stop signals (the trainer handles them and needs the helper for its last
+    save), and die with the trainer however it ends (Linux PR_SET_PDEATHSIG), so that an ignored
+    SIGTERM never leaves it behind."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if sys.platform == "linux":

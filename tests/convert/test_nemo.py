@@ -1,10 +1,11 @@
 """NeMo 2 both ways through NeMo's own code, NeMo 1 .nemo tarballs to Megatron, untrusted files.
 
 NeMo 2.5.3 (the last release with nemo.collections.llm) runs from its own pinned environment,
-.venv-nemo (tests/convert/nemo_env/setup.sh, run by `make test` and by the fixture below when
-missing), in one subprocess per module (tests/convert/nemo_env/nemo_worker.py): its HF importer
-writes the NeMo 2 fixtures, its ``io.load_context`` opens what ``mcore-to-nemo`` writes and its HF
-exporter turns that back into a Hugging Face folder.
+.venv-nemo (tests/convert/nemo_env/setup.sh, started in the background by the test session when
+these tests are selected, and waited for by the fixture below), in one subprocess per module
+(tests/convert/nemo_env/nemo_worker.py): its HF importer writes the NeMo 2 fixtures, its
+``io.load_context`` opens what ``mcore-to-nemo`` writes and its HF exporter turns that back into a
+Hugging Face folder.
 
 NeMo 1 stays one way (NeMo 1 -> Megatron) and its fixtures are built here from NeMo 1's documented
 layout (``model_config.yaml`` + ``model_weights.ckpt`` with keys ``model.decoder.layers.N...``,

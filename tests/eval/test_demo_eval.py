@@ -1,41 +1,27 @@
-"""The README's evaluation example on the demo, run exactly as printed (in a scratch folder that
-sees the repository's tools/, so outputs/demo is the demo its first command trains), and
-``generate`` on that checkpoint: ``prompt`` lines get the byte tokenizer's BOS, as its help says."""
+"""The README's evaluation example on the demo, run as printed (in a scratch folder that sees the
+repository's tools/, so outputs/demo is the demo its first command trains; once per session,
+readme_demo.py, shared with tests/train/test_demo.py), and ``generate`` on that checkpoint:
+``prompt`` lines get the byte tokenizer's BOS, as its help says."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from readme_demo import readme_demo, readme_demo_block, readme_demo_commands
 
 from megatron_prolong.eval.tasks import MAX_NEW_TOKENS
-
-REPO = Path(__file__).resolve().parents[2]
-MARK = "On the demo (byte tokenizer"  # the README paragraph before the example
-
-
-def readme_demo_block() -> str:
-    text = (REPO / "README.md").read_text()
-    return text[text.index(MARK):].split("```bash\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """(scratch folder, output) after running the README's demo block with bash, `python` the test's."""
-    root = tmp_path_factory.mktemp("readme")
-    (root / "tools").symlink_to(REPO / "tools")
-    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
-    res = subprocess.run(["bash", "-e", "-c", readme_demo_block()], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=1500)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
-    return root, res.stdout
+    """(scratch folder, the commands' output) after running the README's demo block."""
+    root, done = readme_demo(tmp_path_factory)
+    last = done[-1]
+    assert last.returncode == 0 and len(done) == len(readme_demo_commands()), (
+        f"{last.args[-1]} failed ({last.returncode}):\n{(last.stdout + last.stderr)[-5000:]}")
+    return root, "".join(res.stdout for res in done)
 
 
 def test_readme_demo_example_runs_as_printed(demo):

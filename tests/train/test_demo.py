@@ -1,18 +1,26 @@
-"""The tiny end-to-end demo (the default config): real data format, real Megatron model, loss falls."""
+"""The tiny end-to-end demo (the default config): real data format, real Megatron model, loss falls.
+The demo is the README's, its first command (``python -m megatron_prolong.train``, into
+outputs/demo), trained once per session for this file and tests/eval/test_demo_eval.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
+from readme_demo import DEMO_DIR, readme_demo, run_readme_command
+from trainrun import SMALL, TrainingRun, train
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from trainrun import train
-
-    return train(tmp_path_factory.mktemp("demo") / "run")
+    """The README's demo run; its ``dir`` is absolute, ``DEMO_DIR`` what the trainer was given."""
+    root, done = readme_demo(tmp_path_factory)
+    first = done[0]
+    assert first.args[-1].startswith("python -m megatron_prolong.train") and first.returncode == 0, (
+        f"the demo failed ({first.returncode}):\n{(first.stdout + first.stderr)[-6000:]}")
+    return TrainingRun(root / DEMO_DIR, first)
 
 
 def test_loss_falls(demo):
@@ -25,7 +33,7 @@ def test_loss_falls(demo):
 def test_run_dir_holds_everything(demo):
     d = demo.dir
     cfg = yaml.safe_load((d / "config.yaml").read_text())
-    assert cfg["run"]["dir"] == str(d) and cfg["model"]["name"] == "tiny"
+    assert cfg["run"]["dir"] == str(DEMO_DIR) and cfg["model"]["name"] == "tiny"
     record = demo.metrics[-1]
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
                 "domain/long/samples", "domain/short/tokens", "domain/long/loss"):
@@ -43,20 +51,15 @@ def test_run_dir_holds_everything(demo):
     assert "ETA" in demo.output and "tok/s" in demo.output
 
 
-def test_rerun_of_a_finished_run_does_nothing(demo):
-    from trainrun import train
-
-    again = train(demo.dir)
-    assert "already complete" in again.output
+def test_rerun_of_a_finished_run_does_nothing(demo, tmp_path):
+    shutil.copytree(demo.dir, tmp_path / DEMO_DIR)
+    again = run_readme_command(tmp_path, demo.proc.args[-1])
+    assert again.returncode == 0 and "already complete" in again.stdout + again.stderr, again.stderr[-3000:]
 
 
 def test_reused_run_dir_with_another_seq_length_is_refused_naming_the_old_data(demo, tmp_path):
     """The run folder's prepared data records its sequence length: the mismatch is refused before
     anything starts, saying why and what to do, and nothing in the folder changes."""
-    import shutil
-
-    from trainrun import train
-
     run_dir = tmp_path / "run"
     shutil.copytree(demo.dir, run_dir)
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
@@ -79,15 +82,13 @@ def test_start_is_a_few_lines_and_the_end_a_summary(demo):
     last = demo.metrics[-1]
     steps = last["step"]
     for line in ("model tiny: 3.02M parameters", "layout tp=1 pp=1 cp=1 dp=1", "memory estimate",
-                 f"data {demo.dir / 'data'}; run folder {demo.dir}", f"training {steps} steps"):
+                 f"data {DEMO_DIR / 'data'}; run folder {DEMO_DIR}", f"training {steps} steps"):
         assert line in out, line
     assert (f"done: {steps} steps in " in out and f"{last['tokens']:,} tokens, final loss {last['loss']:.4f}; checkpoint "
-            f"{demo.dir / 'checkpoints' / f'iter_{steps:07d}'}; TensorBoard: tensorboard --logdir {demo.dir / 'tensorboard'}"
+            f"{DEMO_DIR / 'checkpoints' / f'iter_{steps:07d}'}; TensorBoard: tensorboard --logdir {DEMO_DIR / 'tensorboard'}"
             in out), out[-1000:]
 
 
 def test_verbose_shows_megatrons_output(tmp_path):
-    from trainrun import SMALL, train
-
     run = train(tmp_path / "run", *SMALL, "train.steps=1", "log.verbose=true")
     assert "Params for bucket" in run.output and "OptimizerConfig" in run.output
