@@ -58,6 +58,10 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "bf16"  # bf16 | fp32 (bf16 keeps fp32 master weights)
     recompute: str = "none"  # none | selective | full
+    # what train.recompute=selective recomputes: swiglu (the SwiGLU output, from fc1's output:
+    # an elementwise pass; plugin path), core_attn or mlp (Megatron-Core's: the attention core /
+    # the whole MLP, GEMMs included)
+    recompute_modules: list[str] = field(default_factory=lambda: ["swiglu"])
     loss_block_size: int = 2048  # output layer + loss in blocks of this many tokens; 0: all logits at once
     max_skipped_steps_in_row: int = 5  # non-finite loss or gradient norm: skip, stop after this many in a row
     gpu: str = "h100_80gb"  # for the memory check and MFU: a key of megatron_prolong.train.flops.GPU_SPECS
@@ -170,6 +174,23 @@ KERNEL_CHOICES = {
 }
 
 
+RECOMPUTE_MODULES = ("swiglu", "core_attn", "mlp")
+
+
+def _recompute_modules(t: TrainConfig, m: ModelConfig) -> None:
+    if t.recompute != "selective":
+        return
+    mods = list(t.recompute_modules)
+    bad = [x for x in mods if x not in RECOMPUTE_MODULES]
+    if bad or not mods:
+        raise ConfigError(f"train.recompute_modules={mods}: choose one or more of {list(RECOMPUTE_MODULES)}")
+    if "swiglu" in mods and "mlp" in mods:
+        raise ConfigError("train.recompute_modules: 'mlp' recomputes the whole MLP, 'swiglu' part of it; keep one")
+    if "swiglu" in mods and m.attention_backend == "te":
+        raise ConfigError("train.recompute_modules=[swiglu] is the plugin path's MLP; with "
+                          "model.attention_backend=te use [core_attn] or [mlp]")
+
+
 def validate(cfg: ProLongConfig, world_size: int) -> None:
     """Fail before any process group starts; every message names the key."""
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
@@ -191,6 +212,7 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
         raise ConfigError(str(err)) from None
     _choice("train.precision", t.precision, ("bf16", "fp32"))
     _choice("train.recompute", t.recompute, ("none", "selective", "full"))
+    _recompute_modules(t, m)
     _choice("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
     _choice("train.memory_check", t.memory_check, ("error", "warn", "off"))
     for key, allowed in KERNEL_CHOICES.items():

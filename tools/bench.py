@@ -34,8 +34,10 @@ timed in the same process (``mfu_vs_matmul``) and of the datasheet's dense bf16 
 (``mfu``), per-layer activation memory (peak difference per layer minus the per-layer model
 and optimizer states), peak memory, and a predicted 32-layer tokens/s/GPU (the measured fixed
 part + 32 x the per-layer time). ``--profile DIR`` writes PyTorch-profiler tables of one step.
-``--whole-model`` times 32 layers (forward + backward, full recompute; no gradient norm or
-optimizer step: the optimizer's fp32 states of 8B parameters do not fit next to them on one GPU, see docs).
+``--whole-model`` then trains the most layers of the model that one GPU holds (train/memory.py's
+estimate, one fewer after an out-of-memory error) with the settings of one measured path
+(``--whole-path``), optimizer step included, and reports its tokens/s against that path's
+prediction (fixed part + N x layer) and its peak memory against the estimate.
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ class TrainerPath:
 
         self.cfg = cfg
         self.trainer = Trainer(cfg, topo).build()
-        self.update = True  # False: the optimizer step is left out (--whole-model)
         self.params_per_layer = sum(p.numel() for n, p in self.trainer.model.named_parameters()
                                     if ".layers.0." in n)
 
@@ -83,7 +84,7 @@ class TrainerPath:
                                     micro_batch_size=t.micro_batch_size, num_micro_batches=tr.num_micro_batches))
 
     def step(self) -> None:
-        self.trainer.train_step(update=self.update)
+        self.trainer.train_step()
 
     def close(self) -> None:
         del self.trainer
@@ -158,20 +159,56 @@ def run_path(tag: str, kind: str, overrides: list[str], args, base: list[str], l
               report["vocab"])
 
 
+def _estimate(cfg, seq: int, vocab: int):
+    from megatron_prolong.train.memory import estimate_memory
+
+    mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    return estimate_memory(cfg.model, cfg.train, cfg.parallel, seq, 1, mem, vocab_size=vocab,
+                           attention_backend="plugin", cross_entropy="triton" if torch.cuda.is_available() else "torch")
+
+
 def whole_model(args, base: list[str], topo, report) -> None:
-    """32 layers through the trainer, optimizer step left out (its states do not fit)."""
-    cfg = compose(base + ["model.num_layers=32", "train.recompute=full"] + args.whole_overrides)
-    path = TrainerPath(cfg, topo)
-    path.update = False
-    out = report["whole_model"] = {"overrides": ["model.num_layers=32", "train.recompute=full"] + args.whole_overrides}
-    try:
-        for name in args.whole_layouts:
-            r = time_layout(path, name, args.warmup, args.steps)
-            out[name] = {**r, "tokens_per_s_gpu_no_optimizer": args.seq / r["median_s"]}
-            print(f"[bench] whole model {name}: {r['median_s'] * 1e3:.0f} ms/step (no optimizer step), "
-                  f"{args.seq / r['median_s']:.0f} tokens/s, peak {r['peak_gib']:.1f} GiB", flush=True)
-    finally:
-        path.close()
+    """The most layers of the model that fit, with the optimizer step and the settings of the
+    per-layer path ``--whole-path``: measured step against that path's fixed part + N x layer, and
+    peak memory against train/memory.py's estimate."""
+    src = report["paths"][args.whole_path]
+    overrides = src["overrides"]
+    cfg = compose(base + overrides)
+    n = args.whole_layers or max([k for k in range(1, cfg.model.num_layers + 1)
+                                  if _estimate(compose(base + overrides + [f"model.num_layers={k}"]),
+                                               args.seq, report["vocab"]).fits] or [1])
+    out = report["whole_model"] = {"path": args.whole_path, "overrides": overrides, "tried": []}
+    while n >= 1:
+        cfg = compose(base + overrides + [f"model.num_layers={n}"])
+        out["tried"].append(n)
+        path = None
+        try:
+            path = TrainerPath(cfg, topo)
+            out["layers"], out["layouts"] = n, {}
+            est = _estimate(cfg, args.seq, report["vocab"])
+            out["estimate_gib"] = est.total / 2**30
+            for name in args.whole_layouts:
+                r = time_layout(path, name, args.warmup, args.steps)
+                s = src["summary"][name]
+                pred_ms = s["fixed_ms"] + n * s["layer_ms"]
+                out["layouts"][name] = {**r, "tokens_per_s_gpu": args.seq / r["median_s"],
+                                        "predicted_tokens_per_s_gpu": args.seq / (pred_ms / 1e3),
+                                        "measured_over_predicted_time": r["median_s"] * 1e3 / pred_ms,
+                                        "peak_over_estimate": r["peak_gib"] / out["estimate_gib"]}
+                print(f"[bench] whole model, {n} layers, {name}: {r['median_s'] * 1e3:.0f} ms/step "
+                      f"(predicted {pred_ms:.0f}), {args.seq / r['median_s']:.0f} tokens/s; peak "
+                      f"{r['peak_gib']:.1f} GiB (estimate {out['estimate_gib']:.1f})", flush=True)
+            return
+        except torch.cuda.OutOfMemoryError:
+            print(f"[bench] whole model: {n} layers do not fit; trying {n - 1}", flush=True)
+            n -= 1
+        finally:
+            if path is not None:
+                path.close()
+            del path
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,8 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile-path", default="plugin")
     p.add_argument("--profile-layouts", default="one_doc,mean2k", type=lambda s: s.split(","))
     p.add_argument("--whole-model", action="store_true")
+    p.add_argument("--whole-path", default="plugin", help="the measured path whose settings and per-layer "
+                   "numbers the whole model uses (plugin or a --variant name)")
+    p.add_argument("--whole-layers", type=int, default=0, help="0: the most layers estimated to fit")
     p.add_argument("--whole-layouts", default="one_doc,mean1.5k", type=lambda s: s.split(","))
-    p.add_argument("--whole-overrides", default="", type=lambda s: [x for x in s.split(",") if x])
     p.add_argument("--extra", default="", type=lambda s: [x for x in s.split(",") if x],
                    help="overrides for every path (e.g. a tiny model on CPU)")
     args = p.parse_args(argv)

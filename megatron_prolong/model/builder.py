@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
+from megatron_prolong.model.mlp import SwiGLURecomputeMLP
 from megatron_prolong.model.norm import RMSNorm
 from megatron_prolong.model.rope import RopeAngles, resolve_rope
 from megatron_prolong.te.checkpoint import TECheckpointGPTModel
@@ -34,6 +36,7 @@ class ProLongTransformerConfig(TransformerConfig):
     rope_interpolation_factor: float | None = None
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope_kernel: str = "torch"  # triton | torch (kernels.rope, resolved)
+    recompute_swiglu: bool = False  # train.recompute=selective with recompute_modules [swiglu]
 
 
 def te_available() -> bool:
@@ -80,9 +83,12 @@ def build_transformer_config(
     """``kernels=None`` keeps every fusion off (the unfused reference path)."""
     bf16 = train.precision == "bf16"
     te = resolve_attention_backend(model) == "te"
-    recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
-                                          recompute_num_layers=1),
-                 "selective": dict(recompute_granularity="selective")}[train.recompute]
+    selective = list(train.recompute_modules) if train.recompute == "selective" else []
+    megatron_modules = [m for m in selective if m != "swiglu"]  # swiglu: the plugin's MLP (block_spec)
+    recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+                 if train.recompute == "full" else
+                 dict(recompute_granularity="selective", recompute_modules=megatron_modules)
+                 if megatron_modules else {})
     return ProLongTransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -122,6 +128,7 @@ def build_transformer_config(
         attention=model.attention,
         # TE's THD batches vary in length (per-document padding): pipeline stages exchange shapes.
         variable_seq_lengths=te and parallel.pp > 1,
+        recompute_swiglu="swiglu" in selective,
         **recompute,
     )
 
@@ -136,6 +143,9 @@ def block_spec(backend: str, config: TransformerConfig) -> ModuleSpec | Transfor
     layer.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DocumentCoreAttention, params={"rope": RopeAngles(config)})
     layer.submodules.input_layernorm = RMSNorm
+    if getattr(config, "recompute_swiglu", False):
+        mlp = layer.submodules.mlp  # Megatron's builder: partial(MLP.as_mlp_submodule, submodules=...)
+        layer.submodules.mlp = partial(SwiGLURecomputeMLP.as_mlp_submodule, *mlp.args, **mlp.keywords)
     layer.submodules.pre_mlp_layernorm = RMSNorm
     local_layers = get_num_layers_to_build(config)  # this pipeline stage's share
     return TransformerBlockSubmodules(layer_specs=[layer] * local_layers, layer_norm=RMSNorm)

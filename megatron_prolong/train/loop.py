@@ -156,9 +156,8 @@ class Trainer:
         self.loader = loader
         self.domains = DomainTracker(loader.domain_names)
 
-    def train_step(self, update: bool = True) -> dict:
-        """One optimizer step over the global batch. ``update=False`` leaves out gradient norm and
-        optimizer step (benchmarks of models whose optimizer states do not fit)."""
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch."""
         cfg, topo = self.cfg, self.topo
         self.clock.start()
         raw = self.loader.next_step()
@@ -189,7 +188,7 @@ class Trainer:
         step_flops, loss_tokens = stats.flops, stats.loss_tokens
         loss = stats.loss_sum / max(loss_tokens, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]  # this step's; the scheduler moves on in the step
-        ok, grad_norm = self._optimizer_step(loss) if update else (True, float("nan"))
+        ok, grad_norm = self._optimizer_step(loss)
         self.step += 1
         self.domains.add_totals(stats.domains)
         step_tokens = cfg.train.global_batch_size * cfg.data.seq_length

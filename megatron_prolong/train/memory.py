@@ -35,10 +35,12 @@ prints the fit). tests/train/test_memory.py checks the estimate against every re
 
 Recompute (``train.recompute``):
   none       every layer keeps the above.
-  selective  Megatron-Core's default selective recompute (``recompute_modules=["core_attn"]``):
-             with flash attention it only drops the softmax statistics, i.e. it saves almost
-             nothing at long context. ``recompute_modules=("mlp",)`` (not yet a config key) drops
-             the fc1 / SwiGLU outputs (3f/t per token, the largest term).
+  selective  what ``train.recompute_modules`` names (default ``[swiglu]``):
+             swiglu     the plugin's MLP drops the SwiGLU output after fc2's forward and recomputes
+                        it from fc1's output (model/mlp.py): -e x f/t per token, one elementwise pass;
+             core_attn  Megatron-Core's: with flash attention it only drops the softmax statistics,
+                        i.e. it saves almost nothing at long context;
+             mlp        Megatron-Core's: the fc1 / SwiGLU outputs (3f/t per token), recomputing fc1.
   full       (uniform, one layer per checkpoint) each layer keeps only its input, e x h_sp per
              token; during the backward pass one layer is recomputed and holds its full
              activations again (``recompute_layer``).
@@ -85,7 +87,7 @@ LOGITS_BYTES_PER_ELEMENT = {"torch": 14, "triton": 2}  # see "Logits" above
 #: estimate is within this fraction of every measured peak, tests/train/test_memory.py)
 MARGIN = 0.10
 
-RECOMPUTE_MODULES = ("core_attn", "mlp")
+RECOMPUTE_MODULES = ("swiglu", "core_attn", "mlp")
 
 
 @dataclass
@@ -180,7 +182,7 @@ def layer_activation_bytes(
     if "core_attn" not in modules:
         per_token += 4 * heads / tp  # fp32 softmax statistics (log-sum-exp) of flash attention
     if "mlp" not in modules:
-        per_token += e * 3 * f / tp
+        per_token += e * (2 if "swiglu" in modules else 3) * f / tp
     return int(per_token * tokens * factor)
 
 
@@ -208,7 +210,7 @@ def estimate_memory(
     ``gpu_memory_gib`` defaults to the memory of ``gpu`` (a key of ``GPU_SPECS``; default: the
     config's ``train.gpu`` when present, else h100_80gb). ``vocab_size`` defaults to
     ``model_cfg.vocab_size``. ``recompute_modules`` overrides Megatron's selective-recompute
-    modules (default ("core_attn",) for train.recompute=selective). ``attention_backend``
+    modules (default: ``train_cfg.recompute_modules`` for train.recompute=selective). ``attention_backend``
     (plugin | te) decides whether the CP-gathered K/V are kept for backward (plugin) or
     re-gathered (te); default: ``model_cfg.attention_backend``, where auto counts as te. Pass the
     resolved backend (``model.builder.resolve_attention_backend``) to estimate what the trainer
@@ -245,7 +247,7 @@ def estimate_memory(
 
     recompute = _get(train_cfg, "recompute", "none")
     if recompute_modules is None:
-        recompute_modules = ("core_attn",) if recompute == "selective" else ()
+        recompute_modules = tuple(_get(train_cfg, "recompute_modules", ("swiglu",))) if recompute == "selective" else ()
     unknown = set(recompute_modules) - set(RECOMPUTE_MODULES)
     if unknown:
         raise ValueError(f"recompute_modules {sorted(unknown)} not modelled (known: {RECOMPUTE_MODULES})")

@@ -129,9 +129,12 @@ def test_recompute_modes():
     full = estimate_memory(LLAMA, train(recompute="full"), par(), S64, 64, 80)
     assert full.activations == L * 2 * H * S64  # only each layer's input
     assert full.recompute_layer == none.activations // L  # one layer rebuilt during backward
-    selective = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80)
-    # Megatron's default selective recompute (core_attn) saves only flash attention's statistics.
-    assert 0 < none.activations - selective.activations < 0.01 * none.activations
+    core_attn = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("core_attn",))
+    # Megatron's selective recompute of core_attn saves only flash attention's statistics.
+    assert 0 < none.activations - core_attn.activations < 0.01 * none.activations
+    # The default, swiglu: the SwiGLU output (f per token) is dropped.
+    swiglu = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80)
+    assert none.activations - swiglu.activations == pytest.approx(L * S64 * 2 * F * LAYER_FACTOR["te"], rel=1e-6)
     mlp = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("mlp",))
     assert none.activations - mlp.activations == pytest.approx(L * S64 * 2 * 3 * F * LAYER_FACTOR["te"], rel=1e-6)
     with pytest.raises(ValueError, match="not modelled"):

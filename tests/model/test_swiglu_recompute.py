@@ -1,0 +1,97 @@
+"""train.recompute=selective with recompute_modules=[swiglu] (model/mlp.py): the same loss and
+gradients as keeping the SwiGLU output, bit for bit, and that output's memory released between
+forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig, ProLongConfig, TrainConfig, validate
+
+LAYERS, S, H, F, VOCAB = 3, 64, 64, 160, 300
+
+
+def _model(recompute: str):
+    from megatron_prolong.model.builder import build_model, build_transformer_config
+
+    model_cfg = ModelConfig(num_layers=LAYERS, hidden_size=H, ffn_hidden_size=F, num_attention_heads=4,
+                            num_query_groups=2)
+    tcfg = build_transformer_config(model_cfg, ParallelConfig(), TrainConfig(precision="fp32", recompute=recompute))
+    return build_model(model_cfg, tcfg, vocab_size=VOCAB, seq_length=S, seed=5)
+
+
+def _packed():
+    from megatron_prolong.attention.layout import DocumentLayout
+    from megatron_prolong.model.packed import DocumentPackedSeqParams, rope_positions
+
+    layout = DocumentLayout.from_cu_seqlens(torch.tensor([[0, 20, S]], dtype=torch.int32), S)
+    return DocumentPackedSeqParams(qkv_format="sbhd", layout=layout,
+                                   positions=rope_positions(layout, "continuous").t().contiguous())
+
+
+def _step(model, tokens, saved: list | None = None):
+    """Forward, then the number of F-wide storages autograd saved that are live at its end, backward."""
+    def pack(t):
+        if saved is not None and not isinstance(t, torch.nn.Parameter):
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, None, None, labels=tokens, packed_seq_params=_packed()).sum()
+    # F-wide storages still holding memory (the SwiGLU output and, unfused, its intermediates)
+    f_wide = {t.untyped_storage().data_ptr() for t in saved or []
+              if t.untyped_storage().nbytes() == S * F * t.element_size()}
+    loss.backward()
+    return loss.detach(), len(f_wide)
+
+
+def test_same_loss_and_gradients_and_less_saved(megatron):
+    from megatron_prolong.model.mlp import SwiGLURecomputeMLP
+
+    kept, dropped = _model("none"), _model("selective")
+    assert isinstance(dropped.decoder.layers[0].mlp, SwiGLURecomputeMLP)
+    assert not isinstance(kept.decoder.layers[0].mlp, SwiGLURecomputeMLP)
+    dropped.load_state_dict(kept.state_dict())
+    tokens = torch.randint(0, VOCAB, (1, S), generator=torch.Generator().manual_seed(0))
+    saved_kept, saved_dropped = [], []
+    loss_kept, f_kept = _step(kept, tokens, saved_kept)
+    loss_dropped, f_dropped = _step(dropped, tokens, saved_dropped)
+    assert torch.equal(loss_kept, loss_dropped)
+    grads = dict(kept.named_parameters())
+    for name, p in dropped.named_parameters():
+        assert torch.equal(p.grad, grads[name].grad), name
+    # Each layer's SwiGLU output (S x F) is released until fc2's backward refills it; only fc1's
+    # output (2F wide) stays.
+    assert f_kept >= LAYERS and f_dropped == 0
+    # A second step on the same model: nothing of the first one's recompute is left behind.
+    for m in (kept, dropped):
+        m.zero_grad()
+    assert torch.equal(_step(kept, tokens)[0], _step(dropped, tokens)[0])
+    for name, p in dropped.named_parameters():
+        assert torch.equal(p.grad, grads[name].grad), name
+
+
+def test_without_grad_runs_the_plain_mlp(megatron):
+    model = _model("selective")
+    tokens = torch.randint(0, VOCAB, (1, S), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = model(tokens, None, None, labels=tokens, packed_seq_params=_packed())
+    b = _model("none")
+    b.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(a, b(tokens, None, None, labels=tokens, packed_seq_params=_packed()))
+
+
+@pytest.mark.parametrize("modules, backend, message", [
+    (["moe"], "plugin", "choose one or more of"),
+    ([], "plugin", "choose one or more of"),
+    (["swiglu", "mlp"], "plugin", "keep one"),
+    (["swiglu"], "te", "plugin path's MLP"),
+])
+def test_bad_recompute_modules_refused(modules, backend, message):
+    cfg = ProLongConfig()
+    cfg.train.recompute, cfg.train.recompute_modules = "selective", modules
+    cfg.model.attention_backend = backend
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world_size=1)
