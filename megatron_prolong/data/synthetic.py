@@ -108,7 +108,9 @@ def write_synthetic_corpus(
     temporary folder and renamed into place, so concurrent callers (several ranks) are safe and
     a folder that exists is complete. Existing folders are kept unless overwrite=True.
     """
-    from streaming import MDSWriter
+    from megatron_prolong.data.mds_format import mds_format
+
+    MDSWriter = mds_format().MDSWriter
 
     if seq_length < 2:
         raise ValueError(f"data.seq_length={seq_length} is too small for the synthetic corpus")
