@@ -77,7 +77,9 @@ class MDSPacker:
                 self._flush()
             else:
                 self.dropped_tokens += self.fill
-        self.w.finish()
+        from megatron_prolong.data.mds_format import finish_writer
+
+        finish_writer(self.w)
 
 
 class IndexedWriter:
