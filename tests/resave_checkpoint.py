@@ -6,13 +6,20 @@ what the new layout loaded, written back at the same step, to compare with what 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 
-from trainrun import compose_config
+# As the trainer (megatron_prolong/train/__main__.py): no collections while torch, Megatron-Core and
+# the model are built (this short-lived process keeps nearly all it makes), none at exit either.
+gc.disable()
+atexit.register(gc.freeze)
 
-from megatron_prolong.config import validate
-from megatron_prolong.parallel.cpu_compat import cpu_compat
-from megatron_prolong.parallel.distributed import init_distributed, shutdown, world_size_from_env
+from trainrun import compose_config  # noqa: E402
+
+from megatron_prolong.config import validate  # noqa: E402
+from megatron_prolong.parallel.cpu_compat import cpu_compat  # noqa: E402
+from megatron_prolong.parallel.distributed import init_distributed, shutdown, world_size_from_env  # noqa: E402
 
 if __name__ == "__main__":
     cfg = compose_config(*sys.argv[1:])

@@ -94,7 +94,9 @@ class MDSSource:
     """
 
     def __init__(self, name: str, path: str) -> None:
-        from streaming.base.format import reader_from_json
+        from megatron_prolong.data.mds_format import mds_format
+
+        reader_from_json = mds_format().reader_from_json
 
         self.name, self.path = name, path
         if not os.path.isdir(path):

@@ -108,7 +108,9 @@ def write_synthetic_corpus(
     temporary folder and renamed into place, so concurrent callers (several ranks) are safe and
     a folder that exists is complete. Existing folders are kept unless overwrite=True.
     """
-    from streaming import MDSWriter
+    from megatron_prolong.data.mds_format import finish_writer, mds_format
+
+    MDSWriter = mds_format().MDSWriter
 
     if seq_length < 2:
         raise ValueError(f"data.seq_length={seq_length} is too small for the synthetic corpus")
@@ -123,13 +125,18 @@ def write_synthetic_corpus(
         tmp = tempfile.mkdtemp(prefix=f".{domain}-", dir=root)
         out = os.path.join(tmp, domain)
         columns = {"input_ids": "ndarray:uint32", "indices": "ndarray:uint32", "domain": "str"}
-        with MDSWriter(out=out, columns=columns, size_limit=size_limit, compression=None) as w:
+        w = MDSWriter(out=out, columns=columns, size_limit=size_limit, compression=None)
+        try:
             for _ in range(num_sequences):
                 if domain == "long":
                     ids, idx = _long_sample(rng, tok, seq_length)
                 else:
                     ids, idx = _short_sample(rng, tok, seq_length)
                 w.write({"input_ids": ids, "indices": idx, "domain": domain})
+        except BaseException:
+            w.finish()  # what leaving the writer's ``with`` block did
+            raise
+        finish_writer(w)
         if overwrite and os.path.exists(final):
             shutil.rmtree(final)
         try:

@@ -14,7 +14,9 @@ class MDSPacker:
 
     def __init__(self, out: str, seq_length: int, domain: str, *, sft: bool, pad_id: int, size_limit: int,
                  bos_id: Optional[int] = None):
-        from streaming import MDSWriter
+        from megatron_prolong.data.mds_format import mds_format
+
+        MDSWriter = mds_format().MDSWriter
 
         columns = {"input_ids": "ndarray:uint32", "indices": "ndarray:uint32", "domain": "str"}
         if sft:
@@ -75,7 +77,9 @@ class MDSPacker:
                 self._flush()
             else:
                 self.dropped_tokens += self.fill
-        self.w.finish()
+        from megatron_prolong.data.mds_format import finish_writer
+
+        finish_writer(self.w)
 
 
 class IndexedWriter:
