@@ -66,6 +66,10 @@ class DocumentCoreAttention(MegatronModule):
         cache = getattr(packed_seq_params, "kv_cache", None)  # generation (megatron_prolong.eval.kv_cache)
         if cache is not None and cache.decoding:
             return cache.decode(self.layer_number, query, key, value, self.softmax_scale)
+        if value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            # V is a view of the fused QKV output; a kernel that saves it for backward would keep
+            # that whole output (6x V for Llama-3's 32/8 heads) alive next to the rotated q and k
+            value = value.contiguous()
         cp_group = self.cp_group if self.cp_group is not None and self.cp_group.size() > 1 else None
         out = document_attention(
             query, key, value, packed_seq_params.layout,

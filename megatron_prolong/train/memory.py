@@ -27,8 +27,9 @@ and flash / document attention, which keeps no s x s score matrix, so their 5as/
   => per token  e x (4 h_sp + (2h + 2kv + 3f) / t)  (+ the softmax statistics)
   For bf16, t = 1: s (12h + 4kv + 6f) bytes; Llama-3-8B at 64K: exactly 8.5 GiB.
 
-The analytic count misses implementation copies (the fused QKV output that V is a view of, RoPE
-outputs, kernel workspaces, allocator rounding), so the estimate multiplies it by a factor per
+The analytic count misses implementation copies (on the TE path the fused QKV output that V is a
+view of; kernel workspaces, allocator rounding; the plugin path hands attention a V of its own, and a
+census of its saved tensors at 64K on an H100 matches the count: 8.54 GiB, docs/benchmarks.md), so the estimate multiplies it by a factor per
 attention backend, LAYER_FACTOR, fitted to peaks that tools/bench.py measured
 (docs/benchmarks/bench_*.json; ``python -m megatron_prolong.train.memory_report --calibrate FILE``
 prints the fit). tests/train/test_memory.py checks the estimate against every recorded peak.

@@ -1,6 +1,7 @@
-"""train.recompute=selective with recompute_modules=[swiglu] (model/mlp.py): the same loss and
-gradients as keeping the SwiGLU output, bit for bit, and that output's memory released between
-forward and backward."""
+"""What a layer keeps for backward. train.recompute=selective with recompute_modules=[swiglu]
+(model/mlp.py): the same loss and gradients as keeping the SwiGLU output, bit for bit, and that
+output's memory released between forward and backward. The core attention hands the kernel a V of
+its own, so a kernel that saves V does not keep the whole fused QKV output alive (model/core_attention.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig, Pr
 LAYERS, S, H, F, VOCAB = 3, 64, 64, 160, 300
 
 
-def _model(recompute: str):
+def _model(recompute: str, kernel: str = "auto"):
+    from megatron_prolong.attention.config import AttentionConfig
     from megatron_prolong.model.builder import build_model, build_transformer_config
 
     model_cfg = ModelConfig(num_layers=LAYERS, hidden_size=H, ffn_hidden_size=F, num_attention_heads=4,
-                            num_query_groups=2)
+                            num_query_groups=2, attention=AttentionConfig(kernel=kernel))
     tcfg = build_transformer_config(model_cfg, ParallelConfig(), TrainConfig(precision="fp32", recompute=recompute))
     return build_model(model_cfg, tcfg, vocab_size=VOCAB, seq_length=S, seed=5)
 
@@ -30,8 +32,8 @@ def _packed():
                                    positions=rope_positions(layout, "continuous").t().contiguous())
 
 
-def _step(model, tokens, saved: list | None = None):
-    """Forward, then the number of F-wide storages autograd saved that are live at its end, backward."""
+def _step(model, tokens, saved: list | None = None, width: int = F):
+    """Forward, then the number of ``width``-wide storages autograd saved that are live at its end, backward."""
     def pack(t):
         if saved is not None and not isinstance(t, torch.nn.Parameter):
             saved.append(t)
@@ -41,7 +43,7 @@ def _step(model, tokens, saved: list | None = None):
         loss = model(tokens, None, None, labels=tokens, packed_seq_params=_packed()).sum()
     # F-wide storages still holding memory (the SwiGLU output and, unfused, its intermediates)
     f_wide = {t.untyped_storage().data_ptr() for t in saved or []
-              if t.untyped_storage().nbytes() == S * F * t.element_size()}
+              if t.untyped_storage().nbytes() == S * width * t.element_size()}
     loss.backward()
     return loss.detach(), len(f_wide)
 
@@ -95,3 +97,12 @@ def test_bad_recompute_modules_refused(modules, backend, message):
     cfg.model.attention_backend = backend
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world_size=1)
+
+
+def test_attention_keeps_no_fused_qkv_output(megatron):
+    """torch's SDPA saves q, k and v; V sliced from the fused QKV output would keep all of it
+    (q before RoPE included) next to the rotated copies."""
+    model = _model("none", kernel="sdpa")
+    qkv_width = H + 2 * 2 * (H // 4)  # q + k + v of 4 heads in 2 groups
+    tokens = torch.randint(0, VOCAB, (1, S), generator=torch.Generator().manual_seed(2))
+    assert _step(model, tokens, [], width=qkv_width)[1] == 0
