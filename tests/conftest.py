@@ -17,8 +17,6 @@ its error, if it failed).
 
 from __future__ import annotations
 
-import atexit
-import gc
 import os
 import signal
 import subprocess
@@ -31,9 +29,10 @@ import pytest
 
 from trainrun import TrainingRun, train
 
-# A test worker ends holding every object torch, Megatron-Core and transformers made; the interpreter's
-# last collection would walk them all again (seconds at the session's end): frozen, they are not.
-atexit.register(gc.freeze)
+from megatron_prolong.gc_policy import skip_collection_at_exit
+
+# A test worker ends holding every object torch, Megatron-Core and transformers made.
+skip_collection_at_exit()
 SESSION_MARK = "PROLONG_TEST_SESSION"
 os.environ[SESSION_MARK] = uuid.uuid4().hex
 LEFTOVER_GRACE_S = 30  # processes already on their way out (daemons being stopped) get this long

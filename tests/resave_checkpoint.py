@@ -6,14 +6,11 @@ what the new layout loaded, written back at the same step, to compare with what 
 
 from __future__ import annotations
 
-import atexit
-import gc
 import sys
 
-# As the trainer (megatron_prolong/train/__main__.py): no collections while torch, Megatron-Core and
-# the model are built (this short-lived process keeps nearly all it makes), none at exit either.
-gc.disable()
-atexit.register(gc.freeze)
+from megatron_prolong.gc_policy import pause_collection_while_starting
+
+pause_collection_while_starting()  # as the trainer: this short-lived process keeps nearly all it makes
 
 from trainrun import compose_config  # noqa: E402
 

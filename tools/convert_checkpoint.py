@@ -8,18 +8,15 @@
     python tools/convert_checkpoint.py mcore-to-nemo --input ckpt/llama3 --output nemo2/llama3
 """
 
-import atexit
-import gc
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if __name__ == "__main__":  # Megatron's checkpoint writer starts worker processes: keep the guard
-    # At exit the interpreter's last collection walks every object torch and Megatron-Core made
-    # (about 1.5 s of CPU); frozen, they are left to the process's end (registered first, this
-    # exit handler runs last).
-    atexit.register(gc.freeze)
+    from megatron_prolong.gc_policy import skip_collection_at_exit
+
+    skip_collection_at_exit()
     from megatron_prolong.convert.cli import main
 
     sys.exit(main())

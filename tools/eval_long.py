@@ -5,18 +5,15 @@
     torchrun --nproc_per_node=4 tools/eval_long.py score --tp 2 --cp 2 --checkpoint ... --input ... --output ...
 """
 
-import atexit
-import gc
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if __name__ == "__main__":
-    # At exit the interpreter's last collection walks every object torch and Megatron-Core made
-    # (about 1.5 s of CPU); frozen, they are left to the process's end (registered first, this
-    # exit handler runs last).
-    atexit.register(gc.freeze)
+    from megatron_prolong.gc_policy import skip_collection_at_exit
+
+    skip_collection_at_exit()
     from megatron_prolong.eval.cli import main
 
     sys.exit(main())

@@ -13,17 +13,14 @@ Examples:
   python tools/prepare_data.py raw/ --output data/ --name web --tokenizer byte --format indexed
 """
 
-import atexit
-import gc
 import os
 import sys
 
 if __name__ == "__main__":
-    # At exit the interpreter's last collection walks every object torch and Megatron-Core made
-    # (about 1.5 s of CPU); frozen, they are left to the process's end (registered first, this
-    # exit handler runs last).
-    atexit.register(gc.freeze)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron_prolong.gc_policy import skip_collection_at_exit
+
+    skip_collection_at_exit()
     from megatron_prolong.data.prepare import main
 
     main()

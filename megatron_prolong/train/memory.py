@@ -28,8 +28,9 @@ and flash / document attention, which keeps no s x s score matrix, so their 5as/
   For bf16, t = 1: s (12h + 4kv + 6f) bytes; Llama-3-8B at 64K: exactly 8.5 GiB.
 
 The analytic count misses implementation copies (on the TE path the fused QKV output that V is a
-view of; kernel workspaces, allocator rounding; the plugin path hands attention a V of its own, and a
-census of its saved tensors at 64K on an H100 matches the count: 8.54 GiB, docs/benchmarks.md), so the estimate multiplies it by a factor per
+view of; kernel workspaces, allocator rounding; the plugin path hands attention a V of its own, and
+a census of its saved tensors at 64K on an H100 matches the count: 8.54 GiB, docs/benchmarks.md),
+so the estimate multiplies it by a factor per
 attention backend, LAYER_FACTOR, fitted to peaks that tools/bench.py measured
 (docs/benchmarks/bench_*.json; ``python -m megatron_prolong.train.memory_report --calibrate FILE``
 prints the fit). tests/train/test_memory.py checks the estimate against every recorded peak.
@@ -75,7 +76,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from megatron_prolong.config import ConfigError
+from megatron_prolong.config import RECOMPUTE_MODULES, ConfigError
 from megatron_prolong.train.flops import gpu_spec
 
 GiB = 1024**3
@@ -87,9 +88,6 @@ LOGITS_BYTES_PER_ELEMENT = {"torch": 14, "triton": 2}  # see "Logits" above
 #: an estimate this far above the GPU's memory is refused; closer ones only warned about (the
 #: estimate is within this fraction of every measured peak, tests/train/test_memory.py)
 MARGIN = 0.10
-
-RECOMPUTE_MODULES = ("swiglu", "core_attn", "mlp")
-
 
 @dataclass
 class MemoryEstimate:

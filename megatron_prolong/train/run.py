@@ -30,7 +30,7 @@ def run(cfg: ProLongConfig, resolved_yaml: str,
                 Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
                 (Path(cfg.run.dir) / "config.yaml").write_text(resolved_yaml)
             trainer = Trainer(cfg, topo).build()
-            gc.enable()  # off while starting (train/__main__.py)
+            gc.enable()  # paused while starting (train/__main__.py, megatron_prolong/gc_policy.py)
             trainer.hooks.extend(hooks(trainer))
             trainer.run()
         except Preempted as stop:
