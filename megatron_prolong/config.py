@@ -58,10 +58,10 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "bf16"  # bf16 | fp32 (bf16 keeps fp32 master weights)
     recompute: str = "none"  # none | selective | full
-    # what train.recompute=selective recomputes: swiglu (the SwiGLU output, from fc1's output:
-    # an elementwise pass; plugin path), core_attn or mlp (Megatron-Core's: the attention core /
-    # the whole MLP, GEMMs included)
-    recompute_modules: list[str] = field(default_factory=lambda: ["swiglu"])
+    # what train.recompute=selective recomputes: swiglu (the SwiGLU output, from fc1's output) and
+    # layernorm (the two RMSNorm outputs, from their inputs): elementwise passes, the plugin path's;
+    # core_attn or mlp (Megatron-Core's: the attention core / the whole MLP, GEMMs included)
+    recompute_modules: list[str] = field(default_factory=lambda: ["swiglu", "layernorm"])
     loss_block_size: int = 2048  # output layer + loss in blocks of this many tokens; 0: all logits at once
     max_skipped_steps_in_row: int = 5  # non-finite loss or gradient norm: skip, stop after this many in a row
     gpu: str = "h100_80gb"  # for the memory check and MFU: a key of megatron_prolong.train.flops.GPU_SPECS
@@ -174,7 +174,8 @@ KERNEL_CHOICES = {
 }
 
 
-RECOMPUTE_MODULES = ("swiglu", "core_attn", "mlp")
+RECOMPUTE_MODULES = ("swiglu", "layernorm", "core_attn", "mlp")
+PLUGIN_RECOMPUTE = ("swiglu", "layernorm")  # the plugin path's own (model/released.py); the others Megatron-Core's
 
 
 def _recompute_modules(t: TrainConfig, m: ModelConfig) -> None:
@@ -186,8 +187,9 @@ def _recompute_modules(t: TrainConfig, m: ModelConfig) -> None:
         raise ConfigError(f"train.recompute_modules={mods}: choose one or more of {list(RECOMPUTE_MODULES)}")
     if "swiglu" in mods and "mlp" in mods:
         raise ConfigError("train.recompute_modules: 'mlp' recomputes the whole MLP, 'swiglu' part of it; keep one")
-    if "swiglu" in mods and m.attention_backend == "te":
-        raise ConfigError("train.recompute_modules=[swiglu] is the plugin path's MLP; with "
+    own = [x for x in mods if x in PLUGIN_RECOMPUTE]
+    if own and m.attention_backend == "te":
+        raise ConfigError(f"train.recompute_modules: {own} is the plugin path's layer; with "
                           "model.attention_backend=te use [core_attn] or [mlp]")
 
 

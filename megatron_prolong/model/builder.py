@@ -17,11 +17,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_prolong.attention.config import AttentionConfig
-from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_prolong.config import PLUGIN_RECOMPUTE, KernelConfig, ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.model.core_attention import DocumentCoreAttention
 from megatron_prolong.model.init import init_parameters
 from megatron_prolong.model.mlp import SwiGLURecomputeMLP
-from megatron_prolong.model.norm import RMSNorm
+from megatron_prolong.model.norm import RebuiltRMSNorm, RMSNorm
+from megatron_prolong.model.released import ReleasingColumnParallelLinear
 from megatron_prolong.model.rope import RopeAngles, resolve_rope
 from megatron_prolong.te.checkpoint import TECheckpointGPTModel
 
@@ -37,6 +38,7 @@ class ProLongTransformerConfig(TransformerConfig):
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope_kernel: str = "torch"  # triton | torch (kernels.rope, resolved)
     recompute_swiglu: bool = False  # train.recompute=selective with recompute_modules [swiglu]
+    recompute_layernorm: bool = False  # ... and [layernorm] (the plugin's, not Megatron-Core's)
 
 
 def te_available() -> bool:
@@ -84,7 +86,7 @@ def build_transformer_config(
     bf16 = train.precision == "bf16"
     te = resolve_attention_backend(model) == "te"
     selective = list(train.recompute_modules) if train.recompute == "selective" else []
-    megatron_modules = [m for m in selective if m != "swiglu"]  # swiglu: the plugin's MLP (block_spec)
+    megatron_modules = [m for m in selective if m not in PLUGIN_RECOMPUTE]  # the plugin's: block_spec
     recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                  if train.recompute == "full" else
                  dict(recompute_granularity="selective", recompute_modules=megatron_modules)
@@ -129,6 +131,7 @@ def build_transformer_config(
         # TE's THD batches vary in length (per-document padding): pipeline stages exchange shapes.
         variable_seq_lengths=te and parallel.pp > 1,
         recompute_swiglu="swiglu" in selective,
+        recompute_layernorm="layernorm" in selective,
         **recompute,
     )
 
@@ -142,11 +145,15 @@ def block_spec(backend: str, config: TransformerConfig) -> ModuleSpec | Transfor
     # One RopeAngles shared by all layers: the angles are built once per micro-batch, not per layer.
     layer.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DocumentCoreAttention, params={"rope": RopeAngles(config)})
-    layer.submodules.input_layernorm = RMSNorm
+    mlp = layer.submodules.mlp  # Megatron's builder: partial(MLP.as_mlp_submodule, submodules=...)
+    if getattr(config, "recompute_layernorm", False):
+        layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RebuiltRMSNorm
+        layer.submodules.self_attention.submodules.linear_qkv = ReleasingColumnParallelLinear
+        mlp.keywords["submodules"].linear_fc1 = ReleasingColumnParallelLinear
+    else:
+        layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
     if getattr(config, "recompute_swiglu", False):
-        mlp = layer.submodules.mlp  # Megatron's builder: partial(MLP.as_mlp_submodule, submodules=...)
         layer.submodules.mlp = partial(SwiGLURecomputeMLP.as_mlp_submodule, *mlp.args, **mlp.keywords)
-    layer.submodules.pre_mlp_layernorm = RMSNorm
     local_layers = get_num_layers_to_build(config)  # this pipeline stage's share
     return TransformerBlockSubmodules(layer_specs=[layer] * local_layers, layer_norm=RMSNorm)
 

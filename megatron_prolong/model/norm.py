@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_prolong.model.released import rebuildable
+
 
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
@@ -16,3 +18,12 @@ class RMSNorm(torch.nn.RMSNorm):
         # parameters it maps from the model's 16-bit groups.
         super().__init__(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+class RebuiltRMSNorm(RMSNorm):
+    """``train.recompute_modules`` ``layernorm``: the output feeding the QKV / fc1 projection is
+    released after that projection's forward and rebuilt from the norm's input, which the norm's
+    own backward keeps anyway (model/released.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rebuildable(super().forward, x)

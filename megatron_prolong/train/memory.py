@@ -37,9 +37,11 @@ prints the fit). tests/train/test_memory.py checks the estimate against every re
 
 Recompute (``train.recompute``):
   none       every layer keeps the above.
-  selective  what ``train.recompute_modules`` names (default ``[swiglu]``):
+  selective  what ``train.recompute_modules`` names (default ``[swiglu, layernorm]``):
              swiglu     the plugin's MLP drops the SwiGLU output after fc2's forward and recomputes
                         it from fc1's output (model/mlp.py): -e x f/t per token, one elementwise pass;
+             layernorm  the plugin's two RMSNorm outputs are dropped after the QKV / fc1 forward
+                        and rebuilt from the norms' inputs (model/norm.py): -2 e x h_sp per token;
              core_attn  Megatron-Core's: with flash attention it only drops the softmax statistics,
                         i.e. it saves almost nothing at long context;
              mlp        Megatron-Core's: the fc1 / SwiGLU outputs (3f/t per token), recomputing fc1.
@@ -177,7 +179,7 @@ def layer_activation_bytes(
     kv_local = max(model_cfg.num_query_groups // tp, 1) * d_head
     h_sp = h / tp if sequence_parallel else h
     e = element_bytes
-    per_token = e * (4 * h_sp + (2 * h) / tp + 2 * kv_local)
+    per_token = e * ((2 if "layernorm" in modules else 4) * h_sp + (2 * h) / tp + 2 * kv_local)
     if "core_attn" not in modules:
         per_token += 4 * heads / tp  # fp32 softmax statistics (log-sum-exp) of flash attention
     if "mlp" not in modules:

@@ -1,7 +1,11 @@
-"""What a layer keeps for backward. train.recompute=selective with recompute_modules=[swiglu]
-(model/mlp.py): the same loss and gradients as keeping the SwiGLU output, bit for bit, and that
-output's memory released between forward and backward. The core attention hands the kernel a V of
-its own, so a kernel that saves V does not keep the whole fused QKV output alive (model/core_attention.py)."""
+"""What a layer keeps for backward. train.recompute=selective with the plugin's modules
+(model/released.py): [swiglu] gives the same loss and gradients as keeping the SwiGLU output, bit
+for bit; [layernorm] the same loss and gradients within float32 rounding (here on the CPU torch's
+RMSNorm is a composite of several ops whose input-gradient terms the rebuilt graph sums in another
+order; tests/gpu/test_selective_recompute.py checks bit equality with the fused GPU norm); and the
+dropped outputs' memory is released between forward and backward. The core attention hands the
+kernel a V of its own, so a kernel that saves V does not keep the whole fused QKV output alive
+(model/core_attention.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig, Pr
 LAYERS, S, H, F, VOCAB = 3, 64, 64, 160, 300
 
 
-def _model(recompute: str, kernel: str = "auto"):
+def _model(recompute: str, kernel: str = "auto", modules: tuple[str, ...] = ("swiglu",)):
     from megatron_prolong.attention.config import AttentionConfig
     from megatron_prolong.model.builder import build_model, build_transformer_config
 
     model_cfg = ModelConfig(num_layers=LAYERS, hidden_size=H, ffn_hidden_size=F, num_attention_heads=4,
                             num_query_groups=2, attention=AttentionConfig(kernel=kernel))
-    tcfg = build_transformer_config(model_cfg, ParallelConfig(), TrainConfig(precision="fp32", recompute=recompute))
+    tcfg = build_transformer_config(model_cfg, ParallelConfig(), TrainConfig(precision="fp32", recompute=recompute,
+                                                                            recompute_modules=list(modules)))
     return build_model(model_cfg, tcfg, vocab_size=VOCAB, seq_length=S, seed=5)
 
 
@@ -74,6 +79,42 @@ def test_same_loss_and_gradients_and_less_saved(megatron):
         assert torch.equal(p.grad, grads[name].grad), name
 
 
+def _norm_outputs(model) -> list[torch.Tensor]:
+    """The tensors the QKV and fc1 projections receive (the two RMSNorm outputs of each layer)."""
+    seen = []
+    for layer in model.decoder.layers:
+        for linear in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
+            linear.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    return seen
+
+
+@pytest.mark.parametrize("modules", [("layernorm",), ("swiglu", "layernorm")])
+def test_norm_outputs_released_and_rebuilt(megatron, modules):
+    from megatron_prolong.model.norm import RebuiltRMSNorm
+
+    kept, dropped = _model("none"), _model("selective", modules=modules)
+    assert isinstance(dropped.decoder.layers[0].input_layernorm, RebuiltRMSNorm)
+    dropped.load_state_dict(kept.state_dict())
+    inputs_kept, inputs_dropped = _norm_outputs(kept), _norm_outputs(dropped)
+    tokens = torch.randint(0, VOCAB, (1, S), generator=torch.Generator().manual_seed(3))
+    losses, released, refilled = [], [], []
+    for model, seen in ((kept, inputs_kept), (dropped, inputs_dropped)):
+        loss = model(tokens, None, None, labels=tokens, packed_seq_params=_packed()).sum()
+        released.append(sum(t.untyped_storage().nbytes() == 0 for t in seen))
+        loss.backward()
+        refilled.append(all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in seen))
+        losses.append(loss.detach())
+    assert released == [0, 2 * LAYERS] and all(refilled)
+    # the rebuilt norm outputs equal the kept ones, bit for bit
+    for a, b in zip(inputs_kept, inputs_dropped):
+        assert torch.equal(a, b)
+    assert torch.equal(losses[0], losses[1])
+    grads = dict(kept.named_parameters())
+    for name, p in dropped.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert p.grad.abs().max() > 0, name
+
+
 def test_without_grad_runs_the_plain_mlp(megatron):
     model = _model("selective")
     tokens = torch.randint(0, VOCAB, (1, S), generator=torch.Generator().manual_seed(1))
@@ -89,7 +130,8 @@ def test_without_grad_runs_the_plain_mlp(megatron):
     (["moe"], "plugin", "choose one or more of"),
     ([], "plugin", "choose one or more of"),
     (["swiglu", "mlp"], "plugin", "keep one"),
-    (["swiglu"], "te", "plugin path's MLP"),
+    (["swiglu"], "te", "plugin path's layer"),
+    (["layernorm"], "te", "plugin path's layer"),
 ])
 def test_bad_recompute_modules_refused(modules, backend, message):
     cfg = ProLongConfig()

@@ -132,9 +132,13 @@ def test_recompute_modes():
     core_attn = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("core_attn",))
     # Megatron's selective recompute of core_attn saves only flash attention's statistics.
     assert 0 < none.activations - core_attn.activations < 0.01 * none.activations
-    # The default, swiglu: the SwiGLU output (f per token) is dropped.
-    swiglu = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80)
+    # swiglu: the SwiGLU output (f per token) is dropped; layernorm: the two norm outputs (2h).
+    swiglu = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("swiglu",))
     assert none.activations - swiglu.activations == pytest.approx(L * S64 * 2 * F * LAYER_FACTOR["te"], rel=1e-6)
+    both = estimate_memory(LLAMA, train(recompute="selective"), par(tp=2, sp=True), S64, 64, 80)  # the default
+    none_sp = estimate_memory(LLAMA, train(), par(tp=2, sp=True), S64, 64, 80)
+    dropped = L * S64 * 2 * (F / 2 + 2 * H / 2)  # both shard over TP with sequence parallelism
+    assert none_sp.activations - both.activations == pytest.approx(dropped * LAYER_FACTOR["te"], rel=1e-6)
     mlp = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("mlp",))
     assert none.activations - mlp.activations == pytest.approx(L * S64 * 2 * 3 * F * LAYER_FACTOR["te"], rel=1e-6)
     with pytest.raises(ValueError, match="not modelled"):

@@ -1,7 +1,9 @@
-"""GPU: train.recompute=selective (the SwiGLU output recomputed, model/mlp.py) through the trainer
-with Megatron's fused, torch.compile'd SwiGLU in bf16: the same losses and gradient norms as no
-recompute, bit for bit, and each step's peak lower by the layers' SwiGLU outputs, less at most
-one of them (the refill of a layer's output briefly holds it twice)."""
+"""GPU: train.recompute=selective with the plugin's modules (model/released.py) through the trainer
+in bf16, with Megatron's fused, torch.compile'd SwiGLU and torch's fused RMSNorm: the same losses
+and gradient norms as no recompute, bit for bit (on the GPU each norm's input gradient is one
+kernel's output, so the rebuilt graph sums nothing in another order), and each step's peak lower
+by what the modules drop in every layer, less at most one layer's worth (the refill of a layer's
+output briefly holds it twice)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-LAYERS, SEQ, FFN = 4, 16384, 14336
+LAYERS, SEQ, HIDDEN, FFN = 4, 16384, 4096, 14336
 
 
 def _train(tmp_path, name: str, *overrides: str) -> list[dict]:
@@ -31,11 +33,12 @@ def _train(tmp_path, name: str, *overrides: str) -> list[dict]:
             if '"loss"' in line]
 
 
-def test_same_numbers_and_less_memory(tmp_path):
+@pytest.mark.parametrize("modules, width", [("[swiglu]", FFN), ("[swiglu,layernorm]", FFN + 2 * HIDDEN)])
+def test_same_numbers_and_less_memory(tmp_path, modules, width):
     kept = _train(tmp_path, "none", "train.recompute=none")
-    dropped = _train(tmp_path, "swiglu", "train.recompute=selective")
+    dropped = _train(tmp_path, "selective", "train.recompute=selective", f"train.recompute_modules={modules}")
     assert [r["loss"] for r in kept] == [r["loss"] for r in dropped]
     assert [r["grad_norm"] for r in kept] == [r["grad_norm"] for r in dropped]
-    one = SEQ * FFN * 2 / 2**30  # one layer's SwiGLU output, bf16
+    one = SEQ * width * 2 / 2**30  # what one layer drops, bf16
     saved = kept[-1]["memory_gib"] - dropped[-1]["memory_gib"]
     assert 0.95 * (LAYERS - 1) * one <= saved <= 1.05 * LAYERS * one, (saved, one)

@@ -1,0 +1,109 @@
+"""Outputs dropped between forward and backward, rebuilt from an input autograd keeps anyway.
+
+A projection keeps its input for the weight gradient. Where that input is the output of a cheap
+elementwise function of one tensor (RMSNorm of x, the SwiGLU of fc1's output), the function runs
+without a graph, keeping only its input, and the projection's copy of its output is released right
+after the projection's forward; when the projection's output gradient arrives, just before the
+projection's backward, the output is rebuilt from the kept input. One elementwise pass buys back
+the tensor's memory. This is the scheme of Megatron-Core's ``CheckpointWithoutOutput`` (its
+``layernorm`` / ``moe_act`` recompute) without that class's run-time C++ extension: the rebuilt
+values are copied into the released storage, which leaves the saved tensor (and its version
+counter) as autograd recorded it.
+
+Users: ``train.recompute_modules`` ``swiglu`` (model/mlp.py) and ``layernorm`` (model/norm.py, with
+the QKV and fc1 projections below).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
+
+_MARK = "_prolong_rebuild"
+
+
+class _Slot:
+    """One call of ``fn``: its autograd node (weakly: the node owns the slot), the output's
+    storage, the rebuilt output with its graph."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.node = None
+        self.storage: torch.UntypedStorage | None = None
+        self.rebuilt: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def release(self, hook_tensor: torch.Tensor) -> None:
+        self.storage.resize_(0)
+        hook_tensor.register_hook(self.refill)
+
+    def refill(self, _grad: torch.Tensor | None = None) -> None:
+        if self.rebuilt is not None or self.node is None:
+            return
+        (x,) = self.node().saved_tensors
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            y = self.fn(x)
+        if self.storage.nbytes() == 0:
+            self.storage.resize_(y.untyped_storage().nbytes())
+            self.storage.copy_(y.untyped_storage())
+        self.rebuilt = (x, y)
+
+
+class _Rebuilt(torch.autograd.Function):
+    """``fn(x)`` run without a graph: only x is kept. Backward rebuilds the graph (refilling the
+    released output first if its consumer's gradient hook has not) and runs through it; parameters
+    of ``fn`` (a norm's weight) get their gradients from that inner pass, as under Megatron's
+    activation checkpointing."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        ctx.slot, slot.node = slot, weakref.ref(ctx)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return slot.fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        slot = ctx.slot
+        slot.refill()
+        x, y = slot.rebuilt
+        slot.rebuilt = None
+        torch.autograd.backward(y, grad)
+        return x.grad, None
+
+
+def rebuildable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` keeping only ``x`` for backward, marked so that :func:`release_after` may drop the
+    output too. Plain ``fn(x)`` when no graph is being built."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or _has_trainable(fn))):
+        return fn(x)
+    slot = _Slot(fn)
+    y = _Rebuilt.apply(x, slot)
+    slot.storage = y.untyped_storage()
+    setattr(y, _MARK, slot)
+    return y
+
+
+def _has_trainable(fn) -> bool:
+    module = getattr(fn, "__self__", None)
+    return isinstance(module, torch.nn.Module) and any(p.requires_grad for p in module.parameters())
+
+
+def release_after(consumed: torch.Tensor, output: torch.Tensor) -> None:
+    """``consumed`` has been used by the forward pass that produced ``output`` and nothing else reads
+    it before ``output``'s gradient arrives: release it if it is marked, refill it at that gradient."""
+    slot = consumed.__dict__.pop(_MARK, None)
+    if slot is not None and output.requires_grad:
+        slot.release(output)
+
+
+class ReleasingColumnParallelLinear(ColumnParallelLinear):
+    """Megatron's column-parallel linear (QKV, fc1) releasing a rebuildable input after its forward."""
+
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        out = super().forward(input_, *args, **kwargs)
+        release_after(input_, out[0])
+        return out
