@@ -26,4 +26,4 @@ class RebuiltRMSNorm(RMSNorm):
     own backward keeps anyway (model/released.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rebuildable(super().forward, x)
+        return rebuildable(super().forward, x, (self.weight,))

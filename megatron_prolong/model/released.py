@@ -40,10 +40,10 @@ class _Slot:
         hook_tensor.register_hook(self.refill)
 
     def refill(self, _grad: torch.Tensor | None = None) -> None:
-        if self.rebuilt is not None or self.node is None:
+        ctx = self.node() if self.node is not None else None
+        if self.rebuilt is not None or ctx is None:
             return
-        (x,) = self.node().saved_tensors
-        x = x.detach().requires_grad_()
+        x = ctx.saved_tensors[0].detach().requires_grad_(ctx.needs_input_grad[1])
         with torch.enable_grad():
             y = self.fn(x)
         if self.storage.nbytes() == 0:
@@ -54,14 +54,13 @@ class _Slot:
 
 class _Rebuilt(torch.autograd.Function):
     """``fn(x)`` run without a graph: only x is kept. Backward rebuilds the graph (refilling the
-    released output first if its consumer's gradient hook has not) and runs through it; parameters
-    of ``fn`` (a norm's weight) get their gradients from that inner pass, as under Megatron's
-    activation checkpointing."""
+    released output first if its consumer's gradient hook has not) and returns the gradients of
+    x and of ``fn``'s parameters (inputs here, so autograd accumulates them as usual)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, slot: _Slot) -> torch.Tensor:
+    def forward(ctx, slot: _Slot, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.slot, slot.node = slot, weakref.ref(ctx)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *params)
         with torch.no_grad():
             return slot.fn(x)
 
@@ -71,25 +70,22 @@ class _Rebuilt(torch.autograd.Function):
         slot.refill()
         x, y = slot.rebuilt
         slot.rebuilt = None
-        torch.autograd.backward(y, grad)
-        return x.grad, None
+        wanted = [t for t, need in zip((x, *ctx.saved_tensors[1:]), ctx.needs_input_grad[1:]) if need]
+        grads = iter(torch.autograd.grad(y, wanted, grad))
+        return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
 
 
-def rebuildable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` keeping only ``x`` for backward, marked so that :func:`release_after` may drop the
-    output too. Plain ``fn(x)`` when no graph is being built."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or _has_trainable(fn))):
+def rebuildable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                params: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """``fn(x)`` (``params``: the parameters ``fn`` uses) keeping only ``x`` for backward, marked
+    so that :func:`release_after` may drop the output too. Plain ``fn(x)`` when no graph is built."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         return fn(x)
     slot = _Slot(fn)
-    y = _Rebuilt.apply(x, slot)
+    y = _Rebuilt.apply(slot, x, *params)
     slot.storage = y.untyped_storage()
     setattr(y, _MARK, slot)
     return y
-
-
-def _has_trainable(fn) -> bool:
-    module = getattr(fn, "__self__", None)
-    return isinstance(module, torch.nn.Module) and any(p.requires_grad for p in module.parameters())
 
 
 def release_after(consumed: torch.Tensor, output: torch.Tensor) -> None:

@@ -148,3 +148,37 @@ def test_attention_keeps_no_fused_qkv_output(megatron):
     qkv_width = H + 2 * 2 * (H // 4)  # q + k + v of 4 heads in 2 groups
     tokens = torch.randint(0, VOCAB, (1, S), generator=torch.Generator().manual_seed(2))
     assert _step(model, tokens, [], width=qkv_width)[1] == 0
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_rebuilt_norm_gradients_with_and_without_input_gradient(input_grad):
+    """The norm's weight gets its gradient even where its input needs none (a frozen embedding),
+    and the released output is refilled for the projection that kept it."""
+    from types import SimpleNamespace
+
+    from megatron_prolong.model.norm import RebuiltRMSNorm, RMSNorm
+    from megatron_prolong.model.released import release_after
+
+    cfg = SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False)
+    g = torch.Generator().manual_seed(4)
+    x0, w, proj = torch.randn(16, 2, 8, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, 5, generator=g)
+    grads = []
+    for cls in (RMSNorm, RebuiltRMSNorm):
+        norm = cls(cfg, 8)
+        norm.weight.data.copy_(w)
+        x = x0.clone().requires_grad_(input_grad)
+        y = norm(x)
+        out = y @ proj.requires_grad_()
+        release_after(y, out)
+        assert (y.untyped_storage().nbytes() == 0) == (cls is RebuiltRMSNorm)
+        out.square().sum().backward()
+        grads.append((norm.weight.grad, x.grad, proj.grad.clone()))
+        proj.grad = None
+    (w_kept, x_kept, p_kept), (w_dropped, x_dropped, p_dropped) = grads
+    assert w_dropped is not None and w_dropped.abs().max() > 0
+    torch.testing.assert_close(w_dropped, w_kept, rtol=1e-6, atol=1e-7)
+    assert torch.equal(p_dropped, p_kept)  # the projection's weight gradient read the refilled output
+    if input_grad:
+        torch.testing.assert_close(x_dropped, x_kept, rtol=1e-6, atol=1e-7)
+    else:
+        assert x_dropped is None and x_kept is None
