@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from megatron_prolong.attention.config import AttentionConfig
+from megatron_prolong.te.linear import FP8_CHOICES, LINEAR_CHOICES, validate_fp8, validate_te_linears
 from megatron_prolong.te.thd import validate_cp_comm_type, validate_te_version
 from megatron_prolong.data.config import DataConfig
 from megatron_prolong.tokenizer import TokenizerConfig
@@ -38,6 +39,9 @@ class ModelConfig:
     rope_interpolation_factor: float | None = None  # linear position interpolation
     attention_backend: str = "auto"  # auto (= plugin, the faster: docs/benchmarks.md) | plugin | te
     attention: AttentionConfig = field(default_factory=AttentionConfig)  # the plugin backend's kernels, CP split
+    # the plugin backend's linears: local (Megatron's) | te (TE's fused norm + linear; the te backend has them always)
+    linear: str = "local"
+    fp8: str = "none"  # none | delayed | tensorwise: TE's linears in FP8 (model.linear=te or the te backend)
 
 
 @dataclass
@@ -193,6 +197,21 @@ def _recompute_modules(t: TrainConfig, m: ModelConfig) -> None:
                           "model.attention_backend=te use [core_attn] or [mlp]")
 
 
+def _te_linears(cfg: ProLongConfig) -> None:
+    m, p = cfg.model, cfg.parallel
+    tokens = cfg.data.seq_length * cfg.train.micro_batch_size // p.cp // (p.tp if p.sequence_parallel else 1)
+    dims = {"model.hidden_size": m.hidden_size, "model.hidden_size / parallel.tp": m.hidden_size // p.tp,
+            "model.ffn_hidden_size / parallel.tp": m.ffn_hidden_size // p.tp,
+            "key/value width (model.num_query_groups x head size) / parallel.tp":
+                max(m.num_query_groups // p.tp, 1) * (m.hidden_size // m.num_attention_heads),
+            "tokens per rank (data.seq_length x train.micro_batch_size / cp, / tp with sequence parallelism)": tokens}
+    try:
+        validate_te_linears(m.linear, m.attention_backend)
+        validate_fp8(m.fp8, m.linear, m.attention_backend, cfg.train.precision, dims)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: ProLongConfig, world_size: int) -> None:
     """Fail before any process group starts; every message names the key."""
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
@@ -208,6 +227,8 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
     _choice("model.rope_positions", m.rope_positions, ("continuous", "per_document"))
     _choice("model.rope_scaling", m.rope_scaling, ("none", "llama3"))
     _choice("model.attention_backend", m.attention_backend, ("auto", "plugin", "te"))
+    _choice("model.linear", m.linear, LINEAR_CHOICES)
+    _choice("model.fp8", m.fp8, FP8_CHOICES)
     try:
         m.attention.check("model.attention")
     except ValueError as err:
@@ -274,6 +295,7 @@ def validate(cfg: ProLongConfig, world_size: int) -> None:
             validate_te_version(p.cp_comm_type, p.cp)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    _te_linears(cfg)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and d.seq_length // p.cp % p.tp:

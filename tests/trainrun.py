@@ -114,10 +114,11 @@ def start(run_dir: Path, *overrides: str, nproc: int = 1, **popen) -> subprocess
                             start_new_session=True, preexec_fn=die_with_parent, **popen)
 
 
-def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 900) -> TrainingRun:
-    """Run the trainer to completion and collect its output."""
+def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 900,
+          env: dict[str, str] | None = None) -> TrainingRun:
+    """Run the trainer to completion and collect its output (``env``: variables to set for it)."""
     cmd = command(run_dir, *overrides, nproc=nproc)
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(cmd, cwd=REPO, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=die_with_parent)
     run = TrainingRun(run_dir, proc)
     if check and proc.returncode != 0:

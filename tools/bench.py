@@ -19,11 +19,14 @@ Paths:
 - ``unfused``: the plugin path with every ``kernels.*`` switch on its unfused choice (as landed
   before the fused kernels).
 - ``te``: the same trainer with ``model.attention_backend=te`` (Megatron's TE layer spec).
+- ``te_linear``: the plugin path with TE's linears (``model.linear=te``); ``--fp8 delayed,tensorwise``
+  adds ``te_linear_fp8_<recipe>`` (``model.fp8=<recipe>``) per recipe, and the report then holds
+  an 8192^3 FP8 (E4M3) matmul timed in the same process (``fp8_matmul_tflops``).
 - ``stock``: Megatron-Core's GPTModel with its TE layer spec, TE's fused RoPE and Megatron's
   fused SwiGLU, THD packed documents, bf16 parameters trained by torch's fused AdamW (bf16
   states), no DDP: the baseline the issue compares against. Its loss is the plugin's blockwise
   one (outside the layers, so it cancels in the per-layer numbers).
-``te`` and ``stock`` need Transformer Engine; without it they are skipped with a message.
+``te``, ``te_linear`` and ``stock`` need Transformer Engine; without it they are skipped with a message.
 
 Parts: corpus, configuration and timing helpers in ``bench_setup.py``, the ``stock`` baseline in
 ``bench_stock.py``, the per-layer summary and table in ``bench_report.py``.
@@ -57,7 +60,9 @@ import torch
 sys.path.insert(0, os.getcwd())
 
 from bench_report import print_table, summarize, write_report  # noqa: E402
-from bench_setup import LAYOUT_MEANS, compose, matmul_tflops, peak_gib, reset_peak, sync, write_corpus  # noqa: E402
+from bench_setup import (  # noqa: E402
+    LAYOUT_MEANS, compose, fp8_matmul_tflops, matmul_tflops, peak_gib, reset_peak, sync, write_corpus,
+)
 from bench_stock import StockPath, te_importable  # noqa: E402
 
 UNFUSED = ["kernels.swiglu=unfused", "kernels.rope=torch", "kernels.cross_entropy=torch", "kernels.optimizer=foreach"]
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--paths", default="plugin,te,stock", type=lambda s: [x for x in s.split(",") if x])
+    p.add_argument("--fp8", default="", type=lambda s: [x for x in s.split(",") if x],
+                   help="FP8 recipes (delayed,tensorwise) to run te_linear with, each as te_linear_fp8_<recipe>")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=override[,override...]: another plugin-path run with these config overrides")
     p.add_argument("--variant-layouts", default=",".join(LAYOUT_MEANS), type=lambda s: s.split(","),
@@ -272,9 +279,18 @@ def main(argv: list[str] | None = None) -> dict:
             for v in args.variant:
                 name, _, ov = v.partition("=")
                 jobs.append((name, "variant", ["model.attention_backend=plugin"] + [o for o in ov.split(",") if o]))
-            has_te = ("te" in args.paths or "stock" in args.paths) and te_importable()
+            te_paths = {"te", "stock", "te_linear"} & set(args.paths) or args.fp8
+            has_te = bool(te_paths) and te_importable()
             if has_te and "te" in args.paths:
                 jobs.append(("te", "trainer", ["model.attention_backend=te"]))
+            if has_te and "te_linear" in args.paths:
+                jobs.append(("te_linear", "trainer", ["model.attention_backend=plugin", "model.linear=te"]))
+            for recipe in args.fp8 if has_te else []:
+                jobs.append((f"te_linear_fp8_{recipe}", "trainer",
+                             ["model.attention_backend=plugin", "model.linear=te", f"model.fp8={recipe}"]))
+            if args.fp8:
+                report["fp8_matmul_tflops"] = fp8_matmul_tflops()
+                print(f"[bench] {gpu}: matmul 8192^3 fp8 e4m3 {report['fp8_matmul_tflops']:.0f} TFLOP/s", flush=True)
             if has_te and "stock" in args.paths:
                 jobs.append(("stock", "stock", []))
             for tag, kind, overrides in jobs:

@@ -69,20 +69,33 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
-    if not torch.cuda.is_available():
-        return float("nan")
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+def _timed_tflops(mm, n: int, reps: int) -> float:
     for _ in range(3):
-        a @ b
+        mm()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        a @ b
+        mm()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return _timed_tflops(lambda: a @ b, n, reps)
+
+
+def fp8_matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """An n^3 E4M3 x E4M3 GEMM with bf16 output and per-tensor scales (what TE's FP8 linears run),
+    through torch's ``_scaled_mm``; NaN below compute capability 8.9 (no FP8 tensor cores)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        return float("nan")
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # _scaled_mm takes B column-major
+    one = torch.ones((), device="cuda")
+    return _timed_tflops(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), n, reps)

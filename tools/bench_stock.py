@@ -71,7 +71,7 @@ def te_importable() -> bool:
         import transformer_engine.pytorch  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure means "no TE here"
         print(f"[bench] Transformer Engine not importable ({type(err).__name__}: {err}); "
-              "skipping the te and stock paths", flush=True)
+              "skipping the paths that need it", flush=True)
         return False
     return True
 

@@ -25,6 +25,7 @@ from megatron_prolong.model.norm import RebuiltRMSNorm, RMSNorm
 from megatron_prolong.model.released import ReleasingColumnParallelLinear
 from megatron_prolong.model.rope import RopeAngles, resolve_rope
 from megatron_prolong.te.checkpoint import TECheckpointGPTModel
+from megatron_prolong.te.linear import fp8_options
 
 
 @dataclass
@@ -62,20 +63,21 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def fusion_options(kernels: KernelConfig | None, te: bool) -> dict:
+def fusion_options(kernels: KernelConfig | None, te: bool, te_linears: bool = False) -> dict:
     """TransformerConfig fusion flags. TE path: what Megatron's TE layer spec supports (fused RoPE,
     fused SwiGLU, and weight gradients accumulated into the fp32 main grads where Apex's
     ``fused_weight_gradient_mlp_cuda`` exists: Megatron's own output layer needs it once the flag is
     on, and refuses to run without it, seen on an H200 with TE 2.20.2 and no Apex). Plugin path:
-    Megatron's fused SwiGLU (torch.compile'd; CUDA only under ``auto``)."""
+    Megatron's fused SwiGLU (torch.compile'd; CUDA only under ``auto``), and with TE's linears
+    (``te_linears``) their weight-gradient accumulation under the TE path's rule."""
     if kernels is None:
         return dict(bias_activation_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
     cuda = torch.cuda.is_available()
     swiglu = kernels.swiglu == "fused" or (kernels.swiglu == "auto" and cuda)
+    wgrad = (te or te_linears) and cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
     if te:
-        wgrad = cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
         return dict(bias_activation_fusion=swiglu, apply_rope_fusion=cuda, gradient_accumulation_fusion=wgrad)
-    return dict(bias_activation_fusion=swiglu, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+    return dict(bias_activation_fusion=swiglu, apply_rope_fusion=False, gradient_accumulation_fusion=wgrad,
                 rope_kernel=resolve_rope(kernels.rope))
 
 
@@ -110,7 +112,8 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
-        **fusion_options(kernels, te),
+        **fusion_options(kernels, te, te_linears=model.linear == "te"),
+        **fp8_options(model.fp8),  # TE's linears only: Megatron's block enters TE's FP8 autocast (te/linear.py)
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp,
@@ -168,9 +171,14 @@ def build_model(
     overwrites every parameter: the random draw of the full model costs minutes at 8B.
     """
     backend = resolve_attention_backend(model)
+    spec = block_spec(backend, config)
+    if backend == "plugin" and model.linear == "te":
+        from megatron_prolong.te.layer_spec import with_te_linears
+
+        spec = with_te_linears(spec)
     gpt = (TECheckpointGPTModel if backend == "te" else GPTModel)(
         config=config,
-        transformer_layer_spec=block_spec(backend, config),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(vocab_size, model, config.tensor_model_parallel_size),
         max_sequence_length=seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

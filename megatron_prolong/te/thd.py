@@ -165,7 +165,7 @@ def installed_te_version() -> str | None:
     return str(transformer_engine.__version__)
 
 
-def _release(version: str) -> tuple[int, int]:
+def release(version: str) -> tuple[int, int]:
     major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
@@ -184,7 +184,7 @@ def validate_te_version(cp_comm_type: str | Sequence[str], cp_size: int) -> None
     kinds = [cp_comm_type] if isinstance(cp_comm_type, str) else list(cp_comm_type)
     for kind in kinds:
         need = MIN_TE_FOR_THD_CP.get(kind)
-        if need is not None and _release(version) < need:
+        if need is not None and release(version) < need:
             raise ValueError(
                 f"model.attention_backend=te with parallel.cp_comm_type={kind} and parallel.cp={cp_size} needs "
                 f"Transformer Engine >= {need[0]}.{need[1]} for THD (packed-document) batches; installed: "

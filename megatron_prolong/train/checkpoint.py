@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
     from megatron_prolong.config import ModelConfig
 from megatron_prolong.train import mcore_fixes
-from megatron_prolong.train.optim import inner_optimizers
+from megatron_prolong.train.adam_steps import match_step_layout
+from megatron_prolong.train.optim import inner_optimizers, keeps_param_steps
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "prolong_meta.json"
@@ -297,6 +298,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module | None, optimizer: Megatr
     if optimizer is not None:
         if fresh:
             mcore_fixes.drop_placeholder_state(optimizer)
+        # the step counter where this Adam implementation keeps it, whichever one saved it
+        match_step_layout(loaded["optimizer"], keeps_param_steps(optimizer))
         with _groups_keyed_as_saved(optimizer, loaded.get("scheduler")):
             optimizer.load_state_dict(loaded["optimizer"])
         mcore_fixes.unshare_adam_steps(optimizer)

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from megatron_prolong.config import ProLongConfig
+from megatron_prolong.te.linear import uses_te_linears
 from megatron_prolong.train.metrics import format_eta
 
 # Loggers whose INFO lines are configuration dumps and notices, not progress.
@@ -33,12 +34,13 @@ def start_lines(cfg: ProLongConfig, params: int, layout: str, backend: str, memo
                 micro_batches: int) -> list[str]:
     """The model, layout, attention, memory estimate, data, run folder, and the steps to go."""
     m, total = cfg.model, cfg.train.steps
+    linears = ("te" if uses_te_linears(m.linear, backend) else "local") + (f", fp8 {m.fp8}" if m.fp8 != "none" else "")
     steps = (f"training {total} steps" if start_step == 0 else
              f"resuming at step {start_step}: {total - start_step} steps to go (of {total})")
     return [
         f"model {m.name}: {params / 1e6:.2f}M parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
         f"{m.num_attention_heads} heads / {m.num_query_groups} KV groups), {cfg.data.seq_length} tokens per sequence",
-        f"layout {layout}, attention backend {backend} (kernel {m.attention.kernel}), {micro_batches} "
+        f"layout {layout}, attention backend {backend} (kernel {m.attention.kernel}), linears {linears}, {micro_batches} "
         f"micro-batches/step; memory estimate {memory}",
         f"data {cfg.data.root}; run folder {cfg.run.dir}",
         f"{steps}",

@@ -37,7 +37,7 @@ import torch
 from megatron.core import package_info
 from megatron.core.optimizer import distrib_optimizer
 
-from megatron_prolong.train.optim import inner_optimizers
+from megatron_prolong.train.optim import inner_optimizers, keeps_param_steps
 from megatron_prolong.train.preemption import checkpoint_helper_init, signals_deferred
 
 FOR_VERSION = (0, 19)
@@ -114,9 +114,12 @@ def start_checkpoint_writer_queue() -> None:
 
 
 def materialize_adam_state(optimizer) -> bool:
-    """Placeholder Adam state for a fresh torch optimizer (fix 2); True if it was fresh."""
+    """Placeholder Adam state for a fresh torch optimizer (fix 2); True if it was fresh. Not for
+    TE's or Apex's FusedAdam: they keep no per-parameter ``step``, and FusedAdam's ``state_dict``
+    fails on one (``KeyError: 'step'`` in ``get_unscaled_state``, which knows only the moments and
+    master weights)."""
     inner = inner_optimizers(optimizer)
-    fresh = applied() and all(not opt.state for opt in inner)
+    fresh = applied() and keeps_param_steps(optimizer) and all(not opt.state for opt in inner)
     if fresh:
         for opt in inner:
             for group in opt.param_groups:

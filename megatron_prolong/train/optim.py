@@ -23,6 +23,13 @@ def inner_optimizers(optimizer: MegatronOptimizer) -> list:
     return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
 
 
+def keeps_param_steps(optimizer: MegatronOptimizer) -> bool:
+    """Whether the inner optimizers count steps per parameter (torch's Adam and AdamW: a tensor in
+    each parameter's state) rather than per parameter group (TE's and Apex's FusedAdam, which
+    Megatron picks wherever either imports: an int in ``param_groups[i]["step"]``)."""
+    return all(isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) for inner in inner_optimizers(optimizer))
+
+
 def use_fused_adam(optimizer: MegatronOptimizer) -> None:
     """Without TE or Apex, Megatron builds torch's AdamW with its default multi-tensor (foreach)
     implementation: about a dozen passes over the fp32 master weights and moments. torch's fused

@@ -9,6 +9,9 @@
 2. Through the trainer: a plugin run checkpointed at step 2 resumes with the TE path (model and
    optimizer) to step 4, that one resumes with the plugin path to step 6, and the losses follow an
    uninterrupted plugin run within the TE-vs-plugin tolerance of tests/gpu/test_te_parity.py.
+3. Across Adam implementations: a run whose child process cannot import TE (torch's AdamW) and
+   one that can (TE's FusedAdam, which Megatron picks wherever TE imports) resume each other's
+   checkpoints (megatron_prolong/train/adam_steps.py).
 """
 
 from __future__ import annotations
@@ -134,4 +137,38 @@ def test_trainer_resumes_across_paths(tmp_path):
     losses = to_te.losses[-2:] + back.losses[-2:]
     rel = [abs(a - b) / b for a, b in zip(losses, reference[2:])]
     print("steps 3-6 after switching paths, relative loss difference:", " ".join(f"{r:.2e}" for r in rel))
+    assert len(rel) == 4 and max(rel) < 5e-3, rel
+
+
+def _pythonpath_without_te() -> dict[str, str]:
+    """PYTHONPATH for a child that cannot import TE (where TE came in through PYTHONPATH, as
+    tools/gpu/install_te.sh installs it): Megatron then builds torch's AdamW, not TE's FusedAdam."""
+    import os
+    from pathlib import Path
+
+    import transformer_engine
+
+    root = str(Path(transformer_engine.__file__).resolve().parent.parent)
+    entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
+    if not any(str(Path(e).resolve()) == root for e in entries):
+        pytest.skip(f"Transformer Engine is installed in {root}, not through PYTHONPATH: a child cannot be kept from it")
+    return {"PYTHONPATH": os.pathsep.join(e for e in entries if str(Path(e).resolve()) != root)}
+
+
+def test_resume_moves_between_torch_adamw_and_te_fused_adam(tmp_path):
+    """The optimizer state of torch's AdamW (per-parameter step tensors) resumes in TE's FusedAdam
+    (a step per parameter group) and back (megatron_prolong/train/adam_steps.py), on the plugin
+    path both times: the losses follow an uninterrupted FusedAdam run to the TE-vs-plugin tolerance
+    (the two Adams round differently in fp32)."""
+    no_te = _pythonpath_without_te()
+    reference = train(tmp_path / "ref", *RUN, "train.steps=6", "checkpoint.save_interval=0").losses
+    train(tmp_path / "a", *RUN, "train.steps=2", env=no_te)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    fused = train(tmp_path / "b", *RUN, "train.steps=4")
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    back = train(tmp_path / "c", *RUN, "train.steps=6", env=no_te)
+    assert "resumed from" in fused.output and "resumed from" in back.output
+    losses = fused.losses[-2:] + back.losses[-2:]
+    rel = [abs(a - b) / b for a, b in zip(losses, reference[2:])]
+    print("steps 3-6 across Adam implementations, relative loss difference:", " ".join(f"{r:.2e}" for r in rel))
     assert len(rel) == 4 and max(rel) < 5e-3, rel

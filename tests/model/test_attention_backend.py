@@ -68,10 +68,10 @@ def test_each_comm_type_needs_its_first_thd_release(monkeypatch, kind, first):
 
 
 def test_release_parsing():
-    assert te_thd._release("2.18.0+8ff60f8") == (2, 18)
-    assert te_thd._release("2.19.0.dev0") == (2, 19)
-    assert te_thd._release("2.8") == (2, 8)
-    assert te_thd._release("2.10.0rc1") == (2, 10)
+    assert te_thd.release("2.18.0+8ff60f8") == (2, 18)
+    assert te_thd.release("2.19.0.dev0") == (2, 19)
+    assert te_thd.release("2.8") == (2, 8)
+    assert te_thd.release("2.10.0rc1") == (2, 10)
 
 
 def test_te_without_te_installed_is_refused_before_anything_starts(tmp_path):

@@ -3,21 +3,16 @@
 Local side: a real plugin-path model, its state-dict names and sharded checkpoint keys. TE side
 (Transformer Engine is not installed here): Megatron's own TE layer spec, which builds without TE
 (its TE classes are then placeholders, still distinct objects), tells which module fills each
-slot; what each TE module holds is stated from Megatron-Core 0.19.2's
-``megatron/core/extensions/transformer_engine.py``: ``TELayerNormColumnParallelLinear`` (TE's
-LayerNormLinear) ``weight`` and ``layer_norm_weight`` (RMSNorm: no bias) plus TE's
-``_extra_state``, ``TERowParallelLinear`` ``weight`` plus ``_extra_state``, and
-``TEDotProductAttention`` nothing in the sharded state dict (its ``sharded_state_dict`` keeps only
-a learnable softmax offset). tests/gpu/test_te_checkpoint.py checks the TE side on a real TE model.
+slot; what each TE module holds is stated in tests/te_holds.py. tests/gpu/test_te_checkpoint.py checks the TE side on a real TE model.
 """
 
 from __future__ import annotations
 
 import pytest
-from megatron.core.extensions import transformer_engine as te_ext
 from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.identity_op import IdentityOp
+from te_holds import TE_HOLDS
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_prolong.inference import SHARDING_META, megatron_session
@@ -27,12 +22,6 @@ from megatron_prolong.te.checkpoint import (
 )
 
 LOCAL, TE, CKPT = (tuple(row[i] for row in LAYER_TENSORS) for i in range(3))
-TE_HOLDS = {  # per TE module class: the names it adds to a layer's state
-    te_ext.TELayerNormColumnParallelLinear: ("weight", "layer_norm_weight", "_extra_state"),
-    te_ext.TERowParallelLinear: ("weight", "_extra_state"),
-    te_ext.TEDotProductAttention: (),
-    IdentityOp: (),
-}
 
 
 @pytest.fixture(scope="module")
