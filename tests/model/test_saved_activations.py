@@ -132,11 +132,15 @@ def test_without_grad_runs_the_plain_mlp(megatron):
     (["swiglu", "mlp"], "plugin", "keep one"),
     (["swiglu"], "te", "plugin path's layer"),
     (["layernorm"], "te", "plugin path's layer"),
+    (["swiglu", "layernorm"], "te_linears", "inside TE's fused norm"),
 ])
 def test_bad_recompute_modules_refused(modules, backend, message):
     cfg = ProLongConfig()
     cfg.train.recompute, cfg.train.recompute_modules = "selective", modules
-    cfg.model.attention_backend = backend
+    if backend == "te_linears":
+        cfg.model.linear = "te"
+    else:
+        cfg.model.attention_backend = backend
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world_size=1)
 
