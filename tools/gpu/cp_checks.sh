@@ -10,14 +10,11 @@
 #        of the stage-2 mix.
 #   BASE: a folder holding an earlier tree's megatron_prolong and tools (git archive), timed in the
 #        same run for a before/after at 128K.
-# Needs the project's wheels in .whl (cudnn-frontend among them); logs and JSON under $OUT.
+# The project's wheels and PYTHONPATH: tools/gpu/env.sh. Logs and JSON under $OUT.
 set -uo pipefail
 what=${1:-128k}
 base=${2:-}
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/tools PYTHONUNBUFFERED=1
+source "$(dirname "$0")/env.sh"
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv > "$out/gpu.txt" 2>&1
 bench() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2

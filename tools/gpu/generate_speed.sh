@@ -2,12 +2,9 @@
 # Decoding on a lent GPU: the CUDA-graph decode tests (tests/gpu/test_decode_graphs.py), then
 # tools/gpu/generate_speed.py (time per token against the memory bound, one recall sample against
 # Hugging Face's generate, batching); logs and JSON under $OUT. Arguments go to generate_speed.py.
-# Needs the project's wheels in .whl (megatron-core; transformers and safetensors are on the image).
+# The project's wheels and PYTHONPATH: tools/gpu/env.sh. transformers and safetensors are on the image.
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/env.sh"
 timeout 150 python3 -m pytest tests/gpu/test_decode_graphs.py -q -p no:cacheprovider > "$out/decode_tests.log" 2>&1
 echo "tests rc $?"; tail -3 "$out/decode_tests.log"
 timeout 420 python3 tools/gpu/generate_speed.py "$@" > "$out/generate_speed.log" 2>&1

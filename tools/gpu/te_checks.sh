@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 22's GPU checks, with Transformer Engine installed by tools/gpu/install_te.sh on the same
+# GPU checks of TE's linears under the plugin's attention and of FP8, with Transformer Engine installed by tools/gpu/install_te.sh on the same
 # warm machine (TE in /tmp/te). One part per `run` call, each under the 10-minute limit:
 #
 #   install (the last install_te.sh call):  ... bash tools/gpu/install_te.sh install && bash tools/gpu/te_checks.sh tests
@@ -15,16 +15,9 @@
 # fp8_numerics: tools/fp8_numerics.py, 8 layers, hidden 2048, 16K-byte sequences, 300 steps, bf16
 #               vs both FP8 recipes from the same start ($OUT/fp8_numerics.json and .png)
 #
-# Needs the project's wheels in $WHL (default .whl, carried: megatron-core, hydra-core, omegaconf,
-# antlr4, mosaicml-streaming and its imports, nvidia-cudnn-frontend) unless megatron-core imports.
+# The project's wheels and PYTHONPATH: tools/gpu/env.sh.
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-whl=${WHL:-.whl}
-if ! python3 -c "import megatron.core, hydra, streaming" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl"/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/te:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source "$(dirname "$0")/env.sh"
 python3 -c "import transformer_engine.pytorch" || { echo "Transformer Engine does not import: run tools/gpu/install_te.sh first" >&2; exit 1; }
 quiet() { grep -vE "Warning|warnings.warn|DEPRECATED"; }
 case "${1:-}" in

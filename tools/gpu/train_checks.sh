@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # Trainer checks on a lent GPU (after tools/gpu/install_te.sh install): TE-vs-plugin loss parity
 # (tests/gpu) and 64K training throughput of a Llama-3-8B-shaped model (2 layers) per attention path.
-# Needs the project's wheels in .whl (megatron-core, hydra, omegaconf, streaming and their imports).
+# The project's wheels and PYTHONPATH: tools/gpu/env.sh.
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/te:/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/env.sh"
 python3 -m pytest tests/gpu -q -s -p no:cacheprovider 2>&1 | tee "$out/te_parity.log" | grep -E "relative|passed|failed|Error" | head -5
 run64k() {  # name, overrides...
   local name=$1; shift
