@@ -65,6 +65,23 @@ class Network:
     name: str = "DGX H100/H200 (NVLink 4, 8 x 400G NDR)"
 
 
+#: the share of the data sheet's memory bandwidth an elementwise pass reaches: a large device copy
+#: ran at 3.03 TB/s on an H100 SXM (3.35), docs/benchmarks.md, "Decoding at memory speed"
+HBM_EFFICIENCY = 0.9
+
+
+def rebuild_bytes(model, tokens: int, tp: int, sequence_parallel: bool,
+                  modules: tuple[str, ...] = tuple(TrainConfig().recompute_modules)) -> float:
+    """Bytes one layer moves to rebuild what ``train.recompute=selective`` dropped
+    (model/released.py: the output recomputed from the kept input, then copied into its released
+    storage) over ``tokens`` tokens on one rank: the SwiGLU reads fc1's output (2f), writes f and
+    copies f (5f); each RMSNorm reads x, writes its output and copies it (4 h_sp)."""
+    e, f = 2, model.ffn_hidden_size / tp
+    h_sp = model.hidden_size / tp if sequence_parallel else model.hidden_size
+    per_token = (5 * f if "swiglu" in modules else 0) + (2 * 4 * h_sp if "layernorm" in modules else 0)
+    return e * per_token * tokens
+
+
 def split_layer(summary: dict, model, seq: int, lengths: list[int], matmul_tflops: float, attn_tflops: float) -> dict:
     """Measured single-GPU layer seconds at ``seq`` tokens -> matmul, attention and the rest."""
     t = summary["layer_ms"] / 1e3
@@ -102,6 +119,8 @@ def predict(bench: dict, cp_sim: dict, layout: dict, seq: int, world: int, gpu: 
                    + parts["other"] * scale) / (tp * cp) + attention
         if layout.get("recompute") == "full":  # one more forward pass: about a third of forward + backward
             compute *= 4 / 3
+        elif layout.get("recompute") == "selective":
+            compute += rebuild_bytes(model, seq // cp, tp, tp > 1) / (HBM_EFFICIENCY * GPU_SPECS[gpu].hbm_tb_s * 1e12)
         tp_bytes = 8 * (tp - 1) / tp * seq / cp * h * 2 if tp > 1 else 0.0
         cp_bytes = 2 * 2 * kv_local * seq * 2 * (cp - 1) / cp if cp > 1 else 0.0
         cp_bw = net.nvlink if tp * cp <= 8 else net.infiniband
@@ -251,9 +270,11 @@ def _expected_lengths(seq: int, mean: int) -> list[int]:
 
 LAYOUTS = {
     65536: [dict(tp=4, cp=2), dict(tp=2, cp=4), dict(tp=8, cp=1), dict(tp=1, cp=8, recompute="full"),
-            dict(tp=2, cp=2), dict(tp=4, cp=1)],
+            dict(tp=2, cp=2), dict(tp=4, cp=1), dict(tp=4, cp=2, recompute="selective"),
+            dict(tp=2, cp=4, recompute="selective"), dict(tp=2, cp=2, recompute="selective"),
+            dict(tp=4, cp=1, recompute="selective")],
     524288: [dict(tp=8, cp=8), dict(tp=4, cp=16), dict(tp=8, cp=4), dict(tp=4, cp=8, recompute="full"),
-             dict(tp=8, cp=16)],
+             dict(tp=8, cp=16), dict(tp=8, cp=4, recompute="selective"), dict(tp=4, cp=8, recompute="selective")],
 }
 
 

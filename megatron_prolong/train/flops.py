@@ -29,16 +29,17 @@ class GPUSpec:
     name: str
     memory_gib: float  # total device memory as the driver reports it (nvidia-smi), GiB
     bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak, TFLOP/s
+    hbm_tb_s: float  # device memory bandwidth, TB/s (data sheet)
 
 
 # Memory: nvidia-smi totals (H100 80GB 81,559 MiB; H200 143,771 MiB; A100 81,920 / 40,960 MiB).
 # Peaks: NVIDIA data sheets, dense bf16 (the data sheets' headline numbers are with sparsity, 2x).
 GPU_SPECS: dict[str, GPUSpec] = {
-    "h100_80gb": GPUSpec("NVIDIA H100 SXM5 80GB", 81_559 / 1024, 989.0),
-    "h100_pcie": GPUSpec("NVIDIA H100 PCIe 80GB", 81_559 / 1024, 756.0),
-    "h200": GPUSpec("NVIDIA H200 SXM 141GB", 143_771 / 1024, 989.0),
-    "a100_80gb": GPUSpec("NVIDIA A100 SXM4 80GB", 81_920 / 1024, 312.0),
-    "a100_40gb": GPUSpec("NVIDIA A100 SXM4 40GB", 40_960 / 1024, 312.0),
+    "h100_80gb": GPUSpec("NVIDIA H100 SXM5 80GB", 81_559 / 1024, 989.0, 3.35),
+    "h100_pcie": GPUSpec("NVIDIA H100 PCIe 80GB", 81_559 / 1024, 756.0, 2.0),
+    "h200": GPUSpec("NVIDIA H200 SXM 141GB", 143_771 / 1024, 989.0, 4.8),
+    "a100_80gb": GPUSpec("NVIDIA A100 SXM4 80GB", 81_920 / 1024, 312.0, 2.039),
+    "a100_40gb": GPUSpec("NVIDIA A100 SXM4 40GB", 40_960 / 1024, 312.0, 1.555),
 }
 
 

@@ -125,7 +125,7 @@ def test_peak_alarm_in_a_real_run(tmp_path):
     wrapper = (
         "import runpy, sys\n"
         "from megatron_prolong.train import flops\n"
-        "flops.GPU_SPECS['slow_test_gpu'] = flops.GPUSpec('a GPU with a 1 MFLOP/s peak', 80.0, 1e-6)\n"
+        "flops.GPU_SPECS['slow_test_gpu'] = flops.GPUSpec('a GPU with a 1 MFLOP/s peak', 80.0, 1e-6, 1.0)\n"
         "sys.argv[0] = 'megatron_prolong.train'\n"
         "runpy.run_module('megatron_prolong.train', run_name='__main__')\n"
     )
