@@ -33,9 +33,13 @@ def _train(tmp_path, name: str, *overrides: str) -> list[dict]:
             if '"loss"' in line]
 
 
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("none"), "none", "train.recompute=none")
+
+
 @pytest.mark.parametrize("modules, width", [("[swiglu]", FFN), ("[swiglu,layernorm]", FFN + 2 * HIDDEN)])
-def test_same_numbers_and_less_memory(tmp_path, modules, width):
-    kept = _train(tmp_path, "none", "train.recompute=none")
+def test_same_numbers_and_less_memory(kept, tmp_path, modules, width):
     dropped = _train(tmp_path, "selective", "train.recompute=selective", f"train.recompute_modules={modules}")
     assert [r["loss"] for r in kept] == [r["loss"] for r in dropped]
     assert [r["grad_norm"] for r in kept] == [r["grad_norm"] for r in dropped]
