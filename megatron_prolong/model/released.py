@@ -26,14 +26,15 @@ _MARK = "_prolong_rebuild"
 
 
 class _Slot:
-    """One call of ``fn``: its autograd node (weakly: the node owns the slot), the output's
-    storage, the rebuilt output with its graph."""
+    """One call of ``fn``: its autograd node (weakly: the node owns the slot), the released
+    storage (until refilled: then only the tensors that saved it hold it, and it is freed with
+    them after their backward), the rebuilt output with its graph."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn = fn
         self.node = None
         self.storage: torch.UntypedStorage | None = None
-        self.rebuilt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rebuilt: tuple[torch.Tensor, ...] | None = None
 
     def release(self, hook_tensor: torch.Tensor) -> None:
         self.storage.resize_(0)
@@ -43,44 +44,50 @@ class _Slot:
         ctx = self.node() if self.node is not None else None
         if self.rebuilt is not None or ctx is None:
             return
-        x = ctx.saved_tensors[0].detach().requires_grad_(ctx.needs_input_grad[1])
+        # detached aliases: the inner autograd.grad must not run hooks of the real parameters,
+        # which the outer engine runs when it accumulates what backward returns
+        x, *params = (t.detach().requires_grad_(need)
+                      for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:]))
         with torch.enable_grad():
-            y = self.fn(x)
-        if self.storage.nbytes() == 0:
-            self.storage.resize_(y.untyped_storage().nbytes())
-            self.storage.copy_(y.untyped_storage())
-        self.rebuilt = (x, y)
+            y = self.fn(x, *params)
+        storage, self.storage = self.storage, None
+        if storage is not None and storage.nbytes() == 0:
+            storage.resize_(y.untyped_storage().nbytes())
+            storage.copy_(y.untyped_storage())
+        self.rebuilt = (y, x, *params)
 
 
 class _Rebuilt(torch.autograd.Function):
-    """``fn(x)`` run without a graph: only x is kept. Backward rebuilds the graph (refilling the
-    released output first if its consumer's gradient hook has not) and returns the gradients of
-    x and of ``fn``'s parameters (inputs here, so autograd accumulates them as usual)."""
+    """``fn(x, *params)`` run without a graph: only x is kept. Backward rebuilds the graph
+    (refilling the released output first if its consumer's gradient hook has not) and returns the
+    gradients of x and of the parameters (inputs here, so autograd accumulates them as usual)."""
 
     @staticmethod
     def forward(ctx, slot: _Slot, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.slot, slot.node = slot, weakref.ref(ctx)
         ctx.save_for_backward(x, *params)
         with torch.no_grad():
-            return slot.fn(x)
+            return slot.fn(x, *params)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         slot = ctx.slot
         slot.refill()
-        x, y = slot.rebuilt
+        y, *inputs = slot.rebuilt
         slot.rebuilt = None
-        wanted = [t for t, need in zip((x, *ctx.saved_tensors[1:]), ctx.needs_input_grad[1:]) if need]
-        grads = iter(torch.autograd.grad(y, wanted, grad))
-        return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
+        needs = ctx.needs_input_grad[1:]
+        grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needs) if need], grad))
+        return (None, *(next(grads) if need else None for need in needs))
 
 
-def rebuildable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+def rebuildable(fn: Callable[..., torch.Tensor], x: torch.Tensor,
                 params: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-    """``fn(x)`` (``params``: the parameters ``fn`` uses) keeping only ``x`` for backward, marked
-    so that :func:`release_after` may drop the output too. Plain ``fn(x)`` when no graph is built."""
+    """``fn(x, *params)`` keeping only ``x`` for backward (``params``: the parameters ``fn`` uses,
+    passed to it, not read from a module), marked so that :func:`release_after` may drop the output
+    too. Plain ``fn(x, *params)`` when no graph is built."""
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
-        return fn(x)
+        return fn(x, *params)
     slot = _Slot(fn)
     y = _Rebuilt.apply(slot, x, *params)
     slot.storage = y.untyped_storage()

@@ -78,7 +78,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from megatron_prolong.config import RECOMPUTE_MODULES, ConfigError
+from megatron_prolong.config import RECOMPUTE_MODULES, ConfigError, TrainConfig
 from megatron_prolong.train.flops import gpu_spec
 
 GiB = 1024**3
@@ -179,7 +179,10 @@ def layer_activation_bytes(
     kv_local = max(model_cfg.num_query_groups // tp, 1) * d_head
     h_sp = h / tp if sequence_parallel else h
     e = element_bytes
-    per_token = e * ((2 if "layernorm" in modules else 4) * h_sp + (2 * h) / tp + 2 * kv_local)
+    # layernorm drops both norm outputs, but under Megatron's mlp recompute the MLP's checkpoint
+    # keeps its input, the pre-MLP norm's output
+    norms = 4 - (("layernorm" in modules) * (1 if "mlp" in modules else 2))
+    per_token = e * (norms * h_sp + (2 * h) / tp + 2 * kv_local)
     if "core_attn" not in modules:
         per_token += 4 * heads / tp  # fp32 softmax statistics (log-sum-exp) of flash attention
     if "mlp" not in modules:
@@ -248,7 +251,8 @@ def estimate_memory(
 
     recompute = _get(train_cfg, "recompute", "none")
     if recompute_modules is None:
-        recompute_modules = tuple(_get(train_cfg, "recompute_modules", ("swiglu",))) if recompute == "selective" else ()
+        default = TrainConfig().recompute_modules
+        recompute_modules = tuple(_get(train_cfg, "recompute_modules", default)) if recompute == "selective" else ()
     unknown = set(recompute_modules) - set(RECOMPUTE_MODULES)
     if unknown:
         raise ValueError(f"recompute_modules {sorted(unknown)} not modelled (known: {RECOMPUTE_MODULES})")

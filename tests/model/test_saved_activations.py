@@ -79,6 +79,16 @@ def test_same_loss_and_gradients_and_less_saved(megatron):
         assert torch.equal(p.grad, grads[name].grad), name
 
 
+def _graph_nodes(root) -> list:
+    seen, todo = {}, [root]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node
+            todo.extend(n for n, _ in node.next_functions)
+    return list(seen.values())
+
+
 def _norm_outputs(model) -> list[torch.Tensor]:
     """The tensors the QKV and fc1 projections receive (the two RMSNorm outputs of each layer)."""
     seen = []
@@ -103,7 +113,14 @@ def test_norm_outputs_released_and_rebuilt(megatron, modules):
         released.append(sum(t.untyped_storage().nbytes() == 0 for t in seen))
         loss.backward()
         refilled.append(all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in seen))
-        losses.append(loss.detach())
+        losses.append(loss)
+    # With the step's graph still alive (as under pipeline parallelism until the next forward),
+    # nothing of the rebuild is held past its projection's backward: no slot keeps a storage or
+    # a rebuilt graph (the refilled output lives only as long as the tensors that saved it).
+    slots = [node.slot for node in _graph_nodes(losses[1].grad_fn) if hasattr(node, "slot")]
+    assert len(slots) == len(modules) * 2 * LAYERS - ("swiglu" in modules) * LAYERS
+    assert all(slot.storage is None and slot.rebuilt is None for slot in slots)
+    losses = [loss.detach() for loss in losses]
     assert released == [0, 2 * LAYERS] and all(refilled)
     # the rebuilt norm outputs equal the kept ones, bit for bit
     for a, b in zip(inputs_kept, inputs_dropped):
@@ -166,10 +183,13 @@ def test_rebuilt_norm_gradients_with_and_without_input_gradient(input_grad):
     cfg = SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False)
     g = torch.Generator().manual_seed(4)
     x0, w, proj = torch.randn(16, 2, 8, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, 5, generator=g)
-    grads = []
+    grads, hook_calls = [], []
     for cls in (RMSNorm, RebuiltRMSNorm):
         norm = cls(cfg, 8)
         norm.weight.data.copy_(w)
+        calls = []
+        norm.weight.register_hook(lambda g, calls=calls: calls.append(1) or g * 2)  # a user's gradient hook
+        hook_calls.append(calls)
         x = x0.clone().requires_grad_(input_grad)
         y = norm(x)
         out = y @ proj.requires_grad_()
@@ -179,6 +199,7 @@ def test_rebuilt_norm_gradients_with_and_without_input_gradient(input_grad):
         grads.append((norm.weight.grad, x.grad, proj.grad.clone()))
         proj.grad = None
     (w_kept, x_kept, p_kept), (w_dropped, x_dropped, p_dropped) = grads
+    assert [len(c) for c in hook_calls] == [1, 1]  # the rebuild does not run the weight's hooks again
     assert w_dropped is not None and w_dropped.abs().max() > 0
     torch.testing.assert_close(w_dropped, w_kept, rtol=1e-6, atol=1e-7)
     assert torch.equal(p_dropped, p_kept)  # the projection's weight gradient read the refilled output

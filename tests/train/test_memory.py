@@ -141,6 +141,9 @@ def test_recompute_modes():
     assert none_sp.activations - both.activations == pytest.approx(dropped * LAYER_FACTOR["te"], rel=1e-6)
     mlp = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("mlp",))
     assert none.activations - mlp.activations == pytest.approx(L * S64 * 2 * 3 * F * LAYER_FACTOR["te"], rel=1e-6)
+    # with Megatron's mlp recompute the MLP's checkpoint keeps its input: layernorm drops one norm output
+    mlp_ln = estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("mlp", "layernorm"))
+    assert mlp.activations - mlp_ln.activations == pytest.approx(L * S64 * 2 * H * LAYER_FACTOR["te"], rel=1e-6)
     with pytest.raises(ValueError, match="not modelled"):
         estimate_memory(LLAMA, train(recompute="selective"), par(), S64, 64, 80, recompute_modules=("moe",))
 
