@@ -41,7 +41,8 @@ Recompute (``train.recompute``):
              swiglu     the plugin's MLP drops the SwiGLU output after fc2's forward and recomputes
                         it from fc1's output (model/mlp.py): -e x f/t per token, one elementwise pass;
              layernorm  the plugin's two RMSNorm outputs are dropped after the QKV / fc1 forward
-                        and rebuilt from the norms' inputs (model/norm.py): -2 e x h_sp per token;
+                        and rebuilt from the norms' inputs (model/norm.py): -2 e x h_sp per token
+                        (-e x h_sp with mlp, whose checkpoint keeps the pre-MLP norm's output);
              core_attn  Megatron-Core's: with flash attention it only drops the softmax statistics,
                         i.e. it saves almost nothing at long context;
              mlp        Megatron-Core's: the fc1 / SwiGLU outputs (3f/t per token), recomputing fc1.
