@@ -195,10 +195,11 @@ def _recompute_modules(t: TrainConfig, m: ModelConfig) -> None:
     if own and m.attention_backend == "te":
         raise ConfigError(f"train.recompute_modules: {own} is the plugin path's layer; with "
                           "model.attention_backend=te use [core_attn] or [mlp]")
-    if "layernorm" in mods and m.linear == "te":
-        raise ConfigError("train.recompute_modules: layernorm rebuilds the plugin's RMSNorm outputs, and with "
-                          "model.linear=te the norms are inside TE's fused norm + linear; leave it out "
-                          "(e.g. train.recompute_modules=[swiglu])")
+    if own and m.linear == "te":
+        # the norms are inside TE's fused norm + linear, and TE's linears may save their own (FP8)
+        # copy of an input, which a released tensor would not free
+        raise ConfigError(f"train.recompute_modules: {own} rebuilds tensors Megatron's linears keep; with "
+                          "model.linear=te use [core_attn] or [mlp]")
 
 
 def _te_linears(cfg: ProLongConfig) -> None:

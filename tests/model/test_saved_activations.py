@@ -149,7 +149,7 @@ def test_without_grad_runs_the_plain_mlp(megatron):
     (["swiglu", "mlp"], "plugin", "keep one"),
     (["swiglu"], "te", "plugin path's layer"),
     (["layernorm"], "te", "plugin path's layer"),
-    (["swiglu", "layernorm"], "te_linears", "inside TE's fused norm"),
+    (["swiglu"], "te_linears", "Megatron's linears keep"),
 ])
 def test_bad_recompute_modules_refused(modules, backend, message):
     cfg = ProLongConfig()
