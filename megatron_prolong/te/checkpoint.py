@@ -11,8 +11,12 @@ checkpoint load into either spec. What differs is TE's ``_extra_state`` (FP8 sca
   ``None``), so those keys stay;
 - TE-only modules carry it too (the final ``TENorm``; ``TEDotProductAttention``'s is already
   left out by Megatron): a checkpoint of the plugin path or of ``hf-to-mcore`` has no such keys.
-  The TE model neither writes nor requires them. The trainer has no FP8 option, so they hold
-  nothing (TE 2.x ``get_extra_state`` returns an empty tensor unless FP8 is on).
+  The TE model neither writes nor requires them.
+
+Without FP8 the extra state holds nothing (TE 2.x ``get_extra_state`` returns an empty tensor
+unless FP8 is on). With ``model.fp8`` the four linears' extra state is TE's FP8 scaling state:
+Megatron's local linears ignore it when they load, so a run that moves to Megatron's linears
+drops it, and one that moves back to FP8 starts its scaling afresh.
 """
 
 from __future__ import annotations
