@@ -8,14 +8,14 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_prolong.data.mds_format import finish_writer, mds_format
+
 
 class MDSPacker:
     """Packs documents into sequences of exactly seq_length tokens, written with MDSWriter."""
 
     def __init__(self, out: str, seq_length: int, domain: str, *, sft: bool, pad_id: int, size_limit: int,
                  bos_id: Optional[int] = None):
-        from megatron_prolong.data.mds_format import mds_format
-
         MDSWriter = mds_format().MDSWriter
 
         columns = {"input_ids": "ndarray:uint32", "indices": "ndarray:uint32", "domain": "str"}
@@ -77,8 +77,6 @@ class MDSPacker:
                 self._flush()
             else:
                 self.dropped_tokens += self.fill
-        from megatron_prolong.data.mds_format import finish_writer
-
         finish_writer(self.w)
 
 
