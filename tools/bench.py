@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if len(args.layers) != 2 or args.layers[0] >= args.layers[1]:
         p.error("--layers takes two increasing layer counts")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)  # before the first build, not after a path has run
 
     from megatron_prolong.parallel.cpu_compat import cpu_compat
     from megatron_prolong.parallel.distributed import init_distributed, shutdown

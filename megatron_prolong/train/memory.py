@@ -60,15 +60,18 @@ Logits: the output layer and loss run on blocks of ``logits_block`` tokens (2,04
 each recomputed in the backward pass, so one block of logits exists at a time. Unfused cross
 entropy (``kernels.cross_entropy=torch``): bf16 logits, fp32 copy, fp32 softmax and fp32 gradient,
 14 bytes per (token, vocabulary column on this TP rank); fused (``triton``, the default on GPUs):
-the bf16 logits only, turned into their gradient in place, plus the output layer's bf16 weight
-gradient while it is handed to the fp32 main grads. Not counted yet: that gradient is now summed
-over the blocks in fp32 first (4 more bytes per weight of the output layer on this TP rank, during
-the loss backward); the peaks the estimate is checked against were measured before, with the sum
-in bf16. Plus the final norm's input and output (2 x e x h_sp per token).
+the bf16 logits only, turned into their gradient in place, plus the output layer's weight gradient,
+summed over the blocks in fp32 and then cast to bf16 (4 + e bytes per weight of the output layer on
+this TP rank). Plus the final norm's input and output (2 x e x h_sp per token).
 
 Workspace: gradients alive while one layer is back-propagated (fc1 / SwiGLU output gradients
 e x 3f/t, two hidden-size gradients e x 2h, the sequence-parallel all-gather buffer e x h) and the
 CP K/V gather.
+The logits (the loss's backward, first) and the workspace with the recomputed layer (each layer's
+backward, after it) are not alive at the same time: the peak counts the larger of the two. Summed,
+they put the estimate 5-13% above every peak measured on an H100 on 2026-12-07/08 (one and two
+layers, with and without recompute); with the larger one, within -4% / +7% of them
+(docs/benchmarks.md, "Recompute choices at 64K").
 
 Overhead: a fixed allowance (default 4 GiB) for the CUDA context, NCCL buffers and allocator
 fragmentation.
@@ -112,7 +115,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, p) for p in self.PARTS)
+        static = self.weights + self.grads + self.optimizer + self.activations + self.overhead
+        return static + max(self.logits, self.workspace + self.recompute_layer)  # backward's two phases
 
     @property
     def fits(self) -> bool:
@@ -127,7 +131,11 @@ class MemoryEstimate:
         return getattr(self, part) / GiB
 
     def breakdown(self) -> str:
-        parts = ", ".join(f"{p} {self.gib(p):.1f}" for p in self.PARTS if getattr(self, p))
+        static = ("weights", "grads", "optimizer", "activations", "overhead")
+        backward = f"workspace {self.gib('workspace'):.1f}" + (
+            f" + recomputed layer {self.gib('recompute_layer'):.1f}" if self.recompute_layer else "")
+        parts = ", ".join([f"{p} {self.gib(p):.1f}" for p in static if getattr(self, p)]
+                          + [f"the larger of logits {self.gib('logits'):.1f} and {backward}"])
         return (f"{self.total / GiB:.1f} GiB per GPU ({parts}; per-layer activations "
                 f"{self.info.get('layer_activation_gib', 0):.2f} GiB at {self.info.get('tokens_per_rank')} "
                 f"tokens per rank) vs {self.gpu_memory / GiB:.1f} GiB available")
@@ -282,7 +290,7 @@ def estimate_memory(
     block = tokens if not logits_block else min(logits_block, tokens)
     if cross_entropy not in LOGITS_BYTES_PER_ELEMENT:
         raise ValueError(f"cross_entropy={cross_entropy!r} is not one of {sorted(LOGITS_BYTES_PER_ELEMENT)}")
-    weight_grad = e * vocab_local * h if cross_entropy == "triton" else 0
+    weight_grad = (4 + e) * vocab_local * h if cross_entropy == "triton" else 0
     logits = int(LOGITS_BYTES_PER_ELEMENT[cross_entropy] * block * vocab_local + weight_grad + 2 * e * h_sp * tokens)
 
     kv_gather = 0 if cp == 1 else int(e * 2 * kv_local * cp * tokens * (2 if not plugin_cp else 1))

@@ -11,42 +11,56 @@ from megatron_prolong.train.memory import LAYER_FACTOR, GiB, estimate_memory
 
 # -- calibration on measured peaks (tools/bench.py reports) ----------------------------------
 
+_RECOMPUTE_KEYS = ("train.recompute=", "train.recompute_modules=")
+
+
 def bench_records(report: dict):
-    """(backend, layers, layout, measured peak GiB, model config) of every clean measurement of the
-    trainer's default kernels in a tools/bench.py report: a build that started with more than
-    1 GiB still allocated (an earlier build not yet freed), or that did not record it, is skipped."""
+    """(backend, layers, layout, measured peak GiB, model config, train overrides) of every clean
+    measurement of the trainer's default kernels in a tools/bench.py report, with and without
+    recompute (paths whose only other overrides are ``train.recompute*``): a build that started
+    with more than 1 GiB still allocated (an earlier build not yet freed), or that did not record
+    it, is skipped."""
     from megatron_prolong.config import ModelConfig
 
     model = ModelConfig(**{k: v for k, v in report["model"].items() if k in ModelConfig.__dataclass_fields__})
     for path in report["paths"].values():
         overrides = path.get("overrides", [])
-        if path.get("kind") != "trainer" or any(not o.startswith("model.attention_backend=") for o in overrides):
+        if path.get("kind") not in ("trainer", "variant") or any(
+                not o.startswith(("model.attention_backend=",) + _RECOMPUTE_KEYS) for o in overrides):
             continue
         backend = "te" if "model.attention_backend=te" in overrides else "plugin"
+        train = {}
+        for o in overrides:
+            if o.startswith(_RECOMPUTE_KEYS):
+                key, value = o.split("=", 1)
+                train[key.split(".", 1)[1]] = value.strip("[]").split(",") if key.endswith("_modules") else value
         for layers, per in path.get("layers", {}).items():
             before = per.get("allocated_before_build_gib")
             if before is None or before > 1.0:
                 continue
             for layout, r in per.get("layouts", {}).items():
-                yield backend, int(layers), layout, r["peak_gib"], replace(model, num_layers=int(layers))
+                yield backend, int(layers), layout, r["peak_gib"], replace(model, num_layers=int(layers)), train
 
 
-def bench_estimate(model_cfg, report: dict, backend: str, factor: float | None = None) -> float:
-    """GiB the estimate gives for a tools/bench.py configuration, without the overhead allowance
-    (the measured peak is PyTorch's allocated memory: no CUDA context, no fragmentation)."""
+def bench_estimate(model_cfg, report: dict, backend: str, factor: float | None = None, train: dict | None = None) -> float:
+    """GiB the estimate gives for a tools/bench.py configuration (``train``: its recompute
+    settings), without the overhead allowance (the measured peak is PyTorch's allocated memory: no
+    CUDA context, no fragmentation)."""
     from megatron_prolong.config import ParallelConfig, TrainConfig
 
-    est = estimate_memory(model_cfg, TrainConfig(global_batch_size=1, micro_batch_size=1, precision="bf16"),
+    est = estimate_memory(model_cfg, TrainConfig(global_batch_size=1, micro_batch_size=1, precision="bf16", **(train or {})),
                           ParallelConfig(), report["seq"], 1, 1e6, vocab_size=report["vocab"],
                           attention_backend=backend, overhead_gib=0.0, layer_factor=factor)
     return est.total / GiB
 
 
 def calibrate(report: dict) -> dict[str, float]:
-    """Per backend, the LAYER_FACTOR that makes the estimate match the report's clean peaks (least
-    squares: the estimate is linear in the factor)."""
+    """Per backend, the LAYER_FACTOR that makes the estimate match the report's clean peaks without
+    recompute (least squares: the estimate is linear in the factor)."""
     fits: dict[str, list[tuple[float, float]]] = {}
-    for backend, _, _, peak, model in bench_records(report):
+    for backend, _, _, peak, model, train in bench_records(report):
+        if train.get("recompute", "none") != "none":
+            continue
         at0 = bench_estimate(model, report, backend, 0.0)
         slope = bench_estimate(model, report, backend, 1.0) - at0
         fits.setdefault(backend, []).append((peak - at0, slope))
