@@ -105,10 +105,16 @@ def _parent(proc: Path) -> int:
     return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def _compile_worker_of_this_process(cmdline: str) -> bool:
+    """torch.compile's worker pool (and the processes it forks), started by code under test in this
+    interpreter: each watches its ``--parent`` and exits with it."""
+    return "torch/_inductor/compile_worker" in cmdline and f"--parent={os.getpid()} " in cmdline + " "
+
+
 def session_processes() -> dict[int, str]:
     """Live processes (not zombies) started by this session, other than pytest itself and its own
-    multiprocessing helpers (the resource tracker, spawned workers of in-process code: they end with
-    this interpreter, unlike orphans): pid -> command line."""
+    helpers (multiprocessing's resource tracker and spawned workers of in-process code, torch.compile's
+    worker pool: they end with this interpreter, unlike orphans): pid -> command line."""
     mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
     found = {}
     for proc in Path("/proc").glob("[0-9]*"):
@@ -119,7 +125,8 @@ def session_processes() -> dict[int, str]:
             if mark not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            ours = _parent(proc) == os.getpid() and cmdline.split(" -c ", 1)[-1].startswith("from multiprocessing.")
+            ours = (_parent(proc) == os.getpid() and cmdline.split(" -c ", 1)[-1].startswith("from multiprocessing.")
+                    or _compile_worker_of_this_process(cmdline))
         except OSError:  # gone meanwhile, or not ours to read
             continue
         if cmdline and not ours:  # a zombie has an empty command line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ def _train(tmp_path, name: str, *overrides: str) -> list[dict]:
            "train.micro_batch_size=1", "train.steps=3", "train.precision=bf16", "train.lr=1e-4",
            "data.synthetic_sequences=4", "checkpoint.save_interval=0", "log.tensorboard=false", *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the last step's save: ~27 GB a run at this shape
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line]
@@ -35,7 +37,15 @@ def _train(tmp_path, name: str, *overrides: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def kept(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("none"), "none", "train.recompute=none")
+    """Two runs without recompute, bit-equal to each other: else a difference below need not be the
+    recompute's. (On 2026-12-08, on an H100, the comparison with [swiglu] differed in the first
+    step's loss, a forward value, by 6e-7 relative: 12.4908117 against 12.4908194; which of the two
+    causes it is was not yet run.)"""
+    first = _train(tmp_path_factory.mktemp("none"), "none", "train.recompute=none")
+    again = _train(tmp_path_factory.mktemp("none_again"), "none", "train.recompute=none")
+    assert [(r["loss"], r["grad_norm"]) for r in first] == [(r["loss"], r["grad_norm"]) for r in again], \
+        "the trainer is not bit-reproducible on this GPU without recompute"
+    return first
 
 
 @pytest.mark.parametrize("modules, width", [("[swiglu]", FFN), ("[swiglu,layernorm]", FFN + 2 * HIDDEN)])
