@@ -69,8 +69,8 @@ e x 3f/t, two hidden-size gradients e x 2h, the sequence-parallel all-gather buf
 CP K/V gather.
 The logits (the loss's backward, first) and the workspace with the recomputed layer (each layer's
 backward, after it) are not alive at the same time: the peak counts the larger of the two. Summed,
-they put the estimate 5-13% above every peak measured on an H100 on 2026-12-07/08 (one and two
-layers, with and without recompute); with the larger one, within -4% / +7% of them
+they put the estimate 2-13% above every peak measured on an H100 on 2026-12-07/08 (one and two
+layers, with and without recompute); with the larger one, within -4% / +6% of them
 (docs/benchmarks.md, "Recompute choices at 64K").
 
 Overhead: a fixed allowance (default 4 GiB) for the CUDA context, NCCL buffers and allocator
