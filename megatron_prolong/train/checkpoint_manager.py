@@ -10,16 +10,21 @@
   takes the state of saved DP rank r mod (saved DP size); on another TP/PP/CP layout the seeded
   RNG is kept (the model has no dropout; the RNG only matters for what a user adds).
 * retention (``checkpoint.keep_last`` / ``keep_every``) and the size report printed at start.
+* room: a save the checkpoint folder's filesystem cannot hold is refused before anything is
+  written, at start (the run's first save) and before every save, in one line naming the fix; the
+  checkpoints already there are untouched.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from megatron.core import tensor_parallel
 
 from megatron_prolong.config import ProLongConfig
@@ -108,6 +113,17 @@ def estimate_disk(cfg: ProLongConfig, vocab_size: int) -> DiskEstimate:
               else "checkpoint.keep_last unset: all are kept")
     return DiskEstimate(rank_params(cfg.model, vocab_size, tp=1, pp=1), per_param, what, len(saves), kept, peak,
                         policy)
+
+
+#: room asked for beyond the size estimate (within 2% of a saved checkpoint; metadata, RNG, data state)
+ROOM_MARGIN = 1.05
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path``, or will once it is created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 class CheckpointManager:
@@ -253,6 +269,27 @@ class CheckpointManager:
             rng=(self._coordinate(self.topo.dp_rank), self._rng_state()), meta=self.meta,
             tokenizer_dir=self.tokenizer_dir, keep_last=c.keep_last, keep_every=c.keep_every,
         )
+
+    def check_room(self, device: torch.device, step: int | None = None) -> None:
+        """Refuse a save the filesystem has no room for (``step`` None: the run's first, checked at
+        start), before anything is written. Every rank measures; the least free space counts, so
+        every rank decides alike (a node-local folder may differ)."""
+        est = estimate_disk(self.cfg, self.vocab_size)
+        free = torch.tensor([float(free_bytes(self.root))], dtype=torch.float64, device=device)
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+        room = int(free.item())
+        if room < est.each * ROOM_MARGIN:
+            when = "the run's first checkpoint" if step is None else f"the checkpoint of step {step}"
+            raise ckpt.CheckpointError(
+                f"{when} needs about {_si(est.each, 'B')} in {self.root}, and {_si(room, 'B')} is free there: "
+                f"free space, set run.dir on a larger filesystem, or keep fewer checkpoints (checkpoint.keep_last)"
+                + ("" if step is None else "; the checkpoints already saved are untouched"))
+        if step is None:
+            more = est.peak - len(ckpt.saved_steps(self.root)) if self.root.exists() else est.peak
+            if room < more * est.each * ROOM_MARGIN:
+                self.log(f"checkpoints: room for {int(room // (est.each * ROOM_MARGIN))} more in {self.root} "
+                         f"({_si(room, 'B')} free), and this run has up to {est.peak} on disk at once "
+                         f"({est.policy}): set checkpoint.keep_last, or the run stops at the save that does not fit")
 
     def size_report(self) -> str:
         return estimate_disk(self.cfg, self.vocab_size).report(self.root)

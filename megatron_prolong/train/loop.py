@@ -92,6 +92,7 @@ class Trainer:
         # finalize_model_grads (per-token mode) scales the gradients by 1 / the global token count.
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, tokenizer, self.log)
+        self.checkpoints.check_room(self.device)  # before the model is built
         init = not self.checkpoints.will_load()
         model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed, init=init)
         self.log(f"random initialisation: drawn from seed {t.seed}" if init else
@@ -136,6 +137,7 @@ class Trainer:
         self.skipped_total = int(state.get("skipped_total", 0))
 
     def save(self) -> None:
+        self.checkpoints.check_room(self.device, self.step)
         with signals_deferred():
             self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, train_state=self.train_state())
 

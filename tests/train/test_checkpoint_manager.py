@@ -1,12 +1,16 @@
-"""The checkpoint manager's size report and retention, the presets' disk use, and the version
-guard of the Megatron-Core work-arounds."""
+"""The checkpoint manager's size report, retention and room check, the presets' disk use, and the
+version guard of the Megatron-Core work-arounds."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
-from trainrun import SMALL, assert_checkpoint_size_estimated, compose_config, train
+from trainrun import REPO, SMALL, _env, assert_checkpoint_size_estimated, compose_config, train
 
 from megatron_prolong.train import mcore_fixes
 from megatron_prolong.train.checkpoint_manager import estimate_disk, retention, save_steps
@@ -50,3 +54,59 @@ def test_work_arounds_are_applied_only_on_the_megatron_version_they_are_for(monk
     monkeypatch.setattr(mcore_fixes.package_info, "MINOR", 19)
     assert mcore_fixes.apply() is None and mcore_fixes.applied()
     assert mcore_fixes.apply() is None and mcore_fixes.applied()  # idempotent
+
+
+def test_a_first_checkpoint_the_disk_cannot_hold_is_refused_before_the_model_is_built(tmp_path):
+    """A model whose checkpoint (100M layers: about 850 TB) no disk holds: one line naming the
+    folder, the sizes and the fixes, exit 2, within seconds and before any checkpoint is written."""
+    run = train(tmp_path / "run", *SMALL, "train.steps=1", "model.num_layers=100000000", "train.memory_check=off",
+                check=False, timeout=300)
+    assert run.proc.returncode == 2, run.output[-3000:]
+    line = next(x for x in run.output.splitlines() if x.startswith("megatron-prolong: the run's first checkpoint"))
+    assert f"in {tmp_path / 'run' / 'checkpoints'}" in line and " is free there" in line
+    assert "set run.dir on a larger filesystem" in line and "checkpoint.keep_last" in line
+    assert "Traceback" not in run.output and not (tmp_path / "run" / "checkpoints").exists()
+
+
+ROOM = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    sys.path.insert(0, "tests")
+    from trainrun import compose_config
+    from megatron_prolong.tokenizer import ByteTokenizer
+    from megatron_prolong.train import checkpoint_manager as cm
+    from megatron_prolong.train.checkpoint import CheckpointError
+    from megatron_prolong.parallel.distributed import Topology
+    dist.init_process_group("gloo")
+    cfg = compose_config(f"run.dir={sys.argv[1]}", "train.steps=20", "checkpoint.save_interval=5")
+    topo = Topology(0, 1, 0, 0, 0, 0, 1, 1, True)
+    logged = []
+    mgr = cm.CheckpointManager(cfg, topo, ByteTokenizer.vocab_size, ByteTokenizer(), logged.append)
+    each = cm.estimate_disk(cfg, ByteTokenizer.vocab_size).each
+    cm.free_bytes = lambda path: int(2.5 * each)  # room for two of the four this run keeps
+    mgr.check_room(torch.device("cpu"))
+    print("LOG", logged)
+    cm.free_bytes = lambda path: int(0.5 * each)
+    try:
+        mgr.check_room(torch.device("cpu"), step=15)
+    except CheckpointError as err:
+        print("ERR", err)
+    dist.destroy_process_group()
+""")
+
+
+def test_room_for_fewer_checkpoints_than_the_run_keeps_is_said_at_start_and_a_save_without_room_refused(tmp_path):
+    """The free space is stubbed (the one thing a test cannot shrink); the rest is the manager's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", ROOM, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(_env(), RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                                           MASTER_PORT=str(port)))
+    out = done.stdout
+    assert done.returncode == 0, out[-2000:] + done.stderr[-3000:]
+    log = next(x for x in out.splitlines() if x.startswith("LOG"))
+    assert "room for 2 more" in log and "up to 4 on disk at once" in log and "set checkpoint.keep_last" in log
+    err = next(x for x in out.splitlines() if x.startswith("ERR"))
+    assert "the checkpoint of step 15 needs about" in err and "the checkpoints already saved are untouched" in err
