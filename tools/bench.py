@@ -75,7 +75,7 @@ class TrainerPath:
         from megatron_prolong.train.loop import Trainer
 
         self.cfg = cfg
-        self.trainer = Trainer(cfg, topo).build()
+        self.trainer = Trainer(cfg, topo).build(saves=False)
         self.params_per_layer = sum(p.numel() for n, p in self.trainer.model.named_parameters()
                                     if ".layers.0." in n)
 

@@ -66,8 +66,9 @@ class Trainer:
         self.clock = StepClock(self.device)
         self.hooks: list[StepHook] = []
 
-    def build(self) -> Trainer:
-        """Write the demo corpus (rank 0), build loader, model and optimizer, restore the checkpoint."""
+    def build(self, saves: bool = True) -> Trainer:
+        """Write the demo corpus (rank 0), build loader, model and optimizer, restore the checkpoint.
+        ``saves=False``: the caller never saves (a benchmark), so no room is asked for on disk."""
         cfg, topo = self.cfg, self.topo
         note = mcore_fixes.apply()  # Megatron-Core work-arounds, before any optimizer state is loaded
         if note:
@@ -92,7 +93,8 @@ class Trainer:
         # finalize_model_grads (per-token mode) scales the gradients by 1 / the global token count.
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.checkpoints = CheckpointManager(cfg, topo, self.vocab_size, tokenizer, self.log)
-        self.checkpoints.check_room(self.device)  # before the model is built
+        if saves:
+            self.checkpoints.check_room(self.device)  # before the model is built
         init = not self.checkpoints.will_load()
         model = build_model(cfg.model, self.tconfig, self.vocab_size, cfg.data.seq_length, t.seed, init=init)
         self.log(f"random initialisation: drawn from seed {t.seed}" if init else
