@@ -18,10 +18,7 @@ import torch
 from megatron_prolong import safe_checkpoint
 from megatron_prolong.attention.config import AttentionConfig
 from megatron_prolong.config import KernelConfig, ModelConfig, ParallelConfig, TrainConfig
-
-
-class CheckpointError(ValueError):
-    """Input that cannot be loaded or converted; the message says what is wrong and what to do."""
+from megatron_prolong.safe_checkpoint import CheckpointError
 
 
 META = "prolong_meta.json"

@@ -52,7 +52,13 @@ _SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "
 _PY2_NAMES = {"__builtin__": "builtins"}  # what pickle protocol 2 (torch.save's) calls the builtins
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is (trained on, loaded, converted); the message names
+    it, what is wrong and what to do. The one error type of the package's checkpoint readers and
+    writers, defined here, in the module they all import."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file names code outside the allow-list (or cannot be checked)."""
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_prolong import safe_checkpoint
+from megatron_prolong.safe_checkpoint import CheckpointError
 from megatron_prolong.tokenizer import save_tokenizer_files
 
 if TYPE_CHECKING:
@@ -100,10 +101,6 @@ def latest_checkpoint(root: Path) -> Path | None:
             "over, or restore that checkpoint"
         )
     return path
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as it is; the message names it, what is wrong and what to do."""
 
 
 def _crc32(path: Path) -> int:
