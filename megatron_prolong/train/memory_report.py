@@ -78,6 +78,7 @@ DOC_LAYOUTS = {
         dict(tp=1, cp=8, sp=False, recompute="full"),
         dict(tp=2, cp=4, sp=True, recompute="none"),
         dict(tp=4, cp=2, sp=True, recompute="none"),
+        dict(tp=2, cp=4, sp=True, recompute="selective"),
         dict(tp=8, cp=1, sp=True, recompute="none"),
     ],
     524288: [

@@ -124,10 +124,13 @@ def test_layout_fits_on_8x80gb_nodes(name, backend):
 
 def test_layouts():
     s1, s2 = load("experiment=prolong_64k"), load("experiment=prolong_512k")
-    assert (s1.parallel.tp, s1.parallel.cp, s1.parallel.pp, s1.parallel.sequence_parallel) == (4, 2, 1, True)
+    assert (s1.parallel.tp, s1.parallel.cp, s1.parallel.pp, s1.parallel.sequence_parallel) == (2, 4, 1, True)
     assert (s2.parallel.tp, s2.parallel.cp, s2.parallel.pp, s2.parallel.sequence_parallel) == (8, 8, 1, True)
     assert load("experiment=prolong_sft").parallel == s1.parallel
-    assert s1.train.recompute == s2.train.recompute == "none"
+    # 64K: selective recompute (the plugin's modules) lets tp 2 x cp 4 fit with margin; 512K keeps
+    # everything (attention is most of its compute)
+    assert s1.train.recompute == load("experiment=prolong_sft").train.recompute == "selective"
+    assert s1.train.recompute_modules == ["swiglu", "layernorm"] and s2.train.recompute == "none"
 
 
 def test_cfg_job_prints_the_resolved_preset():
