@@ -34,7 +34,7 @@ from megatron_prolong.gc_policy import skip_collection_at_exit
 # A test worker ends holding every object torch, Megatron-Core and transformers made.
 skip_collection_at_exit()
 SESSION_MARK = "PROLONG_TEST_SESSION"
-os.environ[SESSION_MARK] = uuid.uuid4().hex
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)  # a second import of this file keeps it
 LEFTOVER_GRACE_S = 30  # processes already on their way out (daemons being stopped) get this long
 REPO = Path(__file__).resolve().parent.parent
 NEMO_TESTS = "tests/convert/test_nemo.py::"

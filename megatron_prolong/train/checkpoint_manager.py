@@ -143,12 +143,18 @@ class CheckpointManager:
 
     # -- start ---------------------------------------------------------------------------------
     def _repair_interrupted_saves(self) -> None:
-        """One rank repairs a save killed between its renames (this run's and ``checkpoint.load``'s);
-        the others wait, then read (on a shared file system they would race on the rename)."""
+        """One rank repairs a save killed between its renames (this run's and ``checkpoint.load``'s)
+        and removes this run's saves killed before them; the others wait, then read (on a shared
+        file system they would race on the rename)."""
         if self.topo.rank == 0:
             load = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None
             for root in (self.root, *((load, load / "checkpoints") if load else ())):
                 ckpt.repair_interrupted_save(root)
+            # a save of this run that died before its rename (a full disk, a kill): no save of this
+            # run is under way yet, and the room check must not count the space it holds
+            for unfinished in self.root.glob(".iter_*.tmp"):
+                shutil.rmtree(unfinished, ignore_errors=True)
+                self.log(f"removed {unfinished}, a save that did not finish")
         torch.distributed.barrier()
 
     def _resume_from(self) -> Path | None:
@@ -272,20 +278,31 @@ class CheckpointManager:
 
     def check_room(self, device: torch.device, step: int | None = None) -> None:
         """Refuse a save the filesystem has no room for (``step`` None: the run's first, checked at
-        start), before anything is written. Every rank measures; the least free space counts, so
-        every rank decides alike (a node-local folder may differ)."""
+        start, unless the run is already complete), before anything is written. Every rank
+        measures; the least free space counts, so every rank decides alike (a node-local folder
+        may differ), and a rank that cannot measure makes every rank refuse."""
+        if step is None and (ckpt.saved_steps(self.root) or [0])[-1] >= self.cfg.train.steps:
+            return
         est = estimate_disk(self.cfg, self.vocab_size)
-        free = torch.tensor([float(free_bytes(self.root))], dtype=torch.float64, device=device)
+        try:
+            mine = float(free_bytes(self.root))
+        except OSError:
+            mine = -1.0
+        free = torch.tensor([mine], dtype=torch.float64, device=device)
         dist.all_reduce(free, op=dist.ReduceOp.MIN)
         room = int(free.item())
+        if room < 0:
+            raise ckpt.CheckpointError(f"cannot read the free space of {self.root} on every rank: check that "
+                                       f"run.dir exists and is writable on every node")
         if room < est.each * ROOM_MARGIN:
             when = "the run's first checkpoint" if step is None else f"the checkpoint of step {step}"
+            fix = ("free space, or set run.dir on a larger filesystem" if step is None else
+                   f"free space there (e.g. delete older checkpoints in {self.root}: a save is written before the "
+                   f"oldest is pruned) and resume; the checkpoints already saved are untouched")
             raise ckpt.CheckpointError(
-                f"{when} needs about {_si(est.each, 'B')} in {self.root}, and {_si(room, 'B')} is free there: "
-                f"free space, set run.dir on a larger filesystem, or keep fewer checkpoints (checkpoint.keep_last)"
-                + ("" if step is None else "; the checkpoints already saved are untouched"))
+                f"{when} needs about {_si(est.each, 'B')} in {self.root}, and {_si(room, 'B')} is free there: {fix}")
         if step is None:
-            more = est.peak - len(ckpt.saved_steps(self.root)) if self.root.exists() else est.peak
+            more = est.peak - len(ckpt.saved_steps(self.root))
             if room < more * est.each * ROOM_MARGIN:
                 self.log(f"checkpoints: room for {int(room // (est.each * ROOM_MARGIN))} more in {self.root} "
                          f"({_si(room, 'B')} free), and this run has up to {est.peak} on disk at once "

@@ -97,7 +97,8 @@ MARGIN = 0.10
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per GPU on the busiest rank; ``total`` is their sum."""
+    """Bytes per GPU on the busiest rank; ``total`` is their sum, except that the logits and the
+    workspace plus the recomputed layer (the backward's two phases) count as the larger of the two."""
 
     weights: int
     grads: int

@@ -33,7 +33,8 @@ def bench_records(report: dict):
         for o in overrides:
             if o.startswith(_RECOMPUTE_KEYS):
                 key, value = o.split("=", 1)
-                train[key.split(".", 1)[1]] = value.strip("[]").split(",") if key.endswith("_modules") else value
+                train[key.split(".", 1)[1]] = ([m.strip() for m in value.strip("[]").split(",")]
+                                               if key.endswith("_modules") else value)
         for layers, per in path.get("layers", {}).items():
             before = per.get("allocated_before_build_gib")
             if before is None or before > 1.0:

@@ -35,7 +35,7 @@ def run(cfg: ProLongConfig, resolved_yaml: str,
             trainer.run()
         except Preempted as stop:
             exit_code = stop.exit_code
-        except CheckpointError as err:  # refused before training, in one line
+        except CheckpointError as err:  # refused before training or before a save, in one line
             print(f"megatron-prolong: {err}", file=sys.stderr, flush=True)
             exit_code = 2
         finally:

@@ -76,7 +76,9 @@ def test_estimate_within_margin_of_whole_model_peaks(report):
     data = json.loads(report.read_text())
     whole = data["whole_model"]
     path = data["paths"][whole["path"]]
-    train = next(t for *_, t in bench_records({**data, "paths": {whole["path"]: path}}))
+    records = list(bench_records({**data, "paths": {whole["path"]: path}}))
+    assert records, f"{report.name}: the whole model's path {whole['path']} has no clean measurement"
+    train = records[0][-1]
     model = replace(ModelConfig(**{k: v for k, v in data["model"].items() if k in ModelConfig.__dataclass_fields__}),
                     num_layers=whole["layers"])
     estimate = bench_estimate(model, data, "plugin", train=train)
