@@ -32,10 +32,21 @@ def test_auto_is_the_plugin_path_even_with_te_and_a_gpu(monkeypatch):
     assert builder.resolve_attention_backend(ModelConfig(attention_backend="te")) == "te"
 
 
+# The 64K preset's selective recompute modules are the plugin path's own; on the TE path a user
+# names Megatron-Core's (docs/recipe.md), which the preset's refusal with TE says.
+TE_RECOMPUTE = {"prolong_64k": ("train.recompute_modules=[mlp]",), "prolong_512k": ()}
+
+
+def test_the_64k_preset_with_te_names_the_recompute_modules_to_use():
+    cfg = load("experiment=prolong_64k", "model.attention_backend=te", TOKENIZER)
+    with pytest.raises(ConfigError, match=r"with model.attention_backend=te use \[core_attn\] or \[mlp\]"):
+        validate(cfg, world_size=cfg.parallel.tp * cfg.parallel.cp)
+
+
 @pytest.mark.parametrize("experiment", ["prolong_64k", "prolong_512k"])
 def test_shipped_presets_with_te_before_2_18_are_refused_naming_both_keys(monkeypatch, experiment):
     monkeypatch.setattr(te_thd, "installed_te_version", lambda: "2.17.1")
-    cfg = load(f"experiment={experiment}", "model.attention_backend=te", TOKENIZER)
+    cfg = load(f"experiment={experiment}", "model.attention_backend=te", *TE_RECOMPUTE[experiment], TOKENIZER)
     assert cfg.parallel.cp_comm_type == "all_gather" and cfg.parallel.cp > 1
     world = cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp
     with pytest.raises(ConfigError) as err:
@@ -47,8 +58,8 @@ def test_shipped_presets_with_te_before_2_18_are_refused_naming_both_keys(monkey
     monkeypatch.setattr(te_thd, "installed_te_version", lambda: "2.18.0+8ff60f8")
     validate(cfg, world_size=world)
     monkeypatch.setattr(te_thd, "installed_te_version", lambda: "2.8.0")
-    validate(load(f"experiment={experiment}", "model.attention_backend=te", "parallel.cp_comm_type=p2p", TOKENIZER),
-             world_size=world)
+    validate(load(f"experiment={experiment}", "model.attention_backend=te", "parallel.cp_comm_type=p2p",
+                  *TE_RECOMPUTE[experiment], TOKENIZER), world_size=world)
     validate(load(f"experiment={experiment}", "model.attention_backend=plugin", TOKENIZER), world_size=world)
 
 
