@@ -4,22 +4,16 @@ dK/dV reduce-scatter), and its outputs and input gradients must equal the float6
 oracle's shares."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from trainrun import free_port
 
 from attn_dense_ref import LAYOUTS, S, dense_attention
 
 CASES = ["crossing_chunks", "one_token_docs", "one_doc", "batch_mixed", "random"]
 TOL = 1e-10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, backends):
@@ -71,7 +65,7 @@ def _check(group, backends):
 
 
 def test_cp_2_and_4_over_gloo_match_dense():
-    mp.spawn(_worker, args=(4, _free_port(), ("reference", "sdpa")), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), ("reference", "sdpa")), nprocs=4, join=True)
 
 
 def _worker_agreement(rank, world, port):
@@ -127,4 +121,4 @@ def _worker_agreement(rank, world, port):
 
 
 def test_cp_group_agrees_on_the_kernel_and_skips_collectives_without_rectangles():
-    mp.spawn(_worker_agreement, args=(4, _free_port()), nprocs=4, join=True)
+    mp.spawn(_worker_agreement, args=(4, free_port()), nprocs=4, join=True)

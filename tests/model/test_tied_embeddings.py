@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from trainrun import free_port
 
 from megatron_prolong.config import ProLongConfig, register_configs
 
@@ -30,12 +30,6 @@ def _config(run_dir) -> ProLongConfig:
     ]
     with initialize_config_module("megatron_prolong.conf", version_base="1.3"):
         return OmegaConf.to_object(compose("config", overrides=overrides))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _copies_equal(trainer) -> dict | None:
@@ -76,7 +70,7 @@ def _worker(rank: int, port: int, cfg: ProLongConfig, out: str) -> None:
 
 def test_tied_embedding_copies_stay_equal_with_pp2(tmp_path):
     out = tmp_path / "result.json"
-    mp.spawn(_worker, args=(_free_port(), _config(tmp_path / "run"), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), _config(tmp_path / "run"), str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
     assert result["built"]["equal"], result
     assert result["stepped"]["equal"], result

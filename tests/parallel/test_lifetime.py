@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trainrun import REPO, _env, command, read_metrics, start
+from trainrun import REPO, _env, command, free_port, read_metrics, start
 
 from megatron_prolong.parallel.lifetime import SIGTERM_EXIT_CODE, descendants
 
@@ -129,9 +128,7 @@ def test_run_ends_when_the_process_that_started_torchrun_is_killed(tmp_path):
 
 def _direct_ranks(run_dir: Path, *overrides: str) -> list[subprocess.Popen]:
     """Two ranks started the way srun starts them: no torchrun, rendezvous from the environment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",

@@ -4,11 +4,11 @@ very different numbers of trained tokens (packed SFT batches). Checked by hand o
 from __future__ import annotations
 
 import os
-import socket
 from functools import partial
 
 import torch
 import torch.multiprocessing as mp
+from trainrun import free_port
 
 from megatron_prolong.config import ModelConfig, ParallelConfig, TrainConfig
 
@@ -56,15 +56,9 @@ def _worker(rank: int, port: int, out: dict) -> None:
         shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gradient_is_the_global_token_mean():
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     assert torch.equal(out[0], out[1])  # both ranks hold the all-reduced gradient
 
     # By hand, one process: sum of all 32 token losses / 32 (not the mean of the two ranks' means).

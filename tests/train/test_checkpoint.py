@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainrun import REPO, SMALL, TrainingRun, _env, assert_losses_close, by_step, start, train
+from trainrun import REPO, SMALL, TrainingRun, _env, assert_losses_close, by_step, free_port, start, train
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -112,9 +111,7 @@ RACE = textwrap.dedent("""
 
 
 def test_concurrent_readers_of_an_interrupted_save_do_not_race(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / "ckpts"), "300"], cwd=REPO,
                               env=dict(_env(), RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=str(port)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -3,14 +3,13 @@ version guard of the Megatron-Core work-arounds."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from trainrun import REPO, SMALL, _env, assert_checkpoint_size_estimated, compose_config, train
+from trainrun import REPO, SMALL, _env, assert_checkpoint_size_estimated, compose_config, free_port, train
 
 from megatron_prolong.train import mcore_fixes
 from megatron_prolong.train.checkpoint_manager import estimate_disk, retention, save_steps
@@ -98,9 +97,7 @@ ROOM = textwrap.dedent("""
 
 def test_room_for_fewer_checkpoints_than_the_run_keeps_is_said_at_start_and_a_save_without_room_refused(tmp_path):
     """The free space is stubbed (the one thing a test cannot shrink); the rest is the manager's."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     done = subprocess.run([sys.executable, "-c", ROOM, str(tmp_path / "run")], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=dict(_env(), RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                                            MASTER_PORT=str(port)))
