@@ -281,7 +281,8 @@ class CheckpointManager:
         start, unless the run is already complete), before anything is written. Every rank
         measures; the least free space counts, so every rank decides alike (a node-local folder
         may differ), and a rank that cannot measure makes every rank refuse."""
-        if step is None and (ckpt.saved_steps(self.root) or [0])[-1] >= self.cfg.train.steps:
+        saved = ckpt.saved_steps(self.root)
+        if step is None and (saved or [0])[-1] >= self.cfg.train.steps:
             return
         est = estimate_disk(self.cfg, self.vocab_size)
         try:
@@ -302,7 +303,7 @@ class CheckpointManager:
             raise ckpt.CheckpointError(
                 f"{when} needs about {_si(est.each, 'B')} in {self.root}, and {_si(room, 'B')} is free there: {fix}")
         if step is None:
-            more = est.peak - len(ckpt.saved_steps(self.root))
+            more = est.peak - len(saved)
             if room < more * est.each * ROOM_MARGIN:
                 self.log(f"checkpoints: room for {int(room // (est.each * ROOM_MARGIN))} more in {self.root} "
                          f"({_si(room, 'B')} free), and this run has up to {est.peak} on disk at once "
